@@ -1,0 +1,71 @@
+"""Similarity and regularisation terms for unsupervised (and label-supervised) registration."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def l1(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute difference: the paper's similarity term."""
+    diff = (warped - fixed).abs()
+    return _masked_mean(diff, mask)
+
+
+def mse(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference."""
+    return _masked_mean((warped - fixed) ** 2, mask)
+
+
+def local_ncc(
+    warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, mask: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """One minus the mean squared local normalised cross-correlation over cubic windows (0 = identical)."""
+    kernel = torch.ones(1, 1, window, window, window, device=fixed.device, dtype=fixed.dtype) / window**3
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, kernel, padding=window // 2)
+
+    mu_w, mu_f = box(warped), box(fixed)
+    var_w = (box(warped * warped) - mu_w**2).clamp_min(0)
+    var_f = (box(fixed * fixed) - mu_f**2).clamp_min(0)
+    cov = box(warped * fixed) - mu_w * mu_f
+    cc = cov * cov / (var_w * var_f + eps)
+    return 1.0 - _masked_mean(cc, mask)
+
+
+def gradient_smoothness(v: torch.Tensor) -> torch.Tensor:
+    """``||grad v||^2``: mean squared forward difference of every component along every axis."""
+    terms = [
+        (v[:, :, 1:] - v[:, :, :-1]).pow(2).mean(),
+        (v[:, :, :, 1:] - v[:, :, :, :-1]).pow(2).mean(),
+        (v[:, :, :, :, 1:] - v[:, :, :, :, :-1]).pow(2).mean(),
+    ]
+    return sum(terms) / 3.0
+
+
+def dice_loss(warped_onehot: torch.Tensor, fixed_onehot: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """One minus the mean soft Dice over label channels (channel 0, background, is left out)."""
+    dims = (2, 3, 4)
+    a, b = warped_onehot[:, 1:], fixed_onehot[:, 1:]
+    inter = (a * b).sum(dims)
+    denom = a.sum(dims) + b.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+SIMILARITIES = {"l1": l1, "mse": mse, "ncc": local_ncc}
+
+
+def similarity(name: str):
+    """The similarity function called ``name`` (``l1``, ``mse`` or ``ncc``)."""
+    try:
+        return SIMILARITIES[name]
+    except KeyError:
+        raise ValueError(f"unknown similarity {name!r}; choose one of {sorted(SIMILARITIES)}") from None
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype).expand_as(x)
+    return (x * m).sum() / m.sum().clamp_min(1.0)

@@ -1,0 +1,82 @@
+"""Spatial transforms on dense fields: warping, scaling and squaring, composition, resizing.
+
+Sampling convention (used everywhere in the engine):
+
+* Volumes are tensors ``(B, C, D, H, W)`` whose spatial axes are the array axes of
+  ``SimpleITK.GetArrayFromImage`` (k, j, i).
+* A displacement field ``u`` is a tensor ``(B, 3, D, H, W)`` in **voxel units**; channel ``c`` is the
+  displacement along spatial axis ``c`` (0 = D/k, 1 = H/j, 2 = W/i).
+* ``warp(moving, u)(x) = moving(x + u(x))``: the field lives on the fixed grid and points into the moving
+  image (a "pull" or fixed-to-moving map), as ITK's displacement-field transforms and Slicer's grid
+  transforms set "FromParent" do.
+* Voxel ``x`` is sampled exactly at its index (``align_corners=True``); outside the image, images read 0
+  and fields are clamped to the border.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_INTEGRATION_STEPS = 7
+
+
+def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of a grid, shape ``(1, 3, D, H, W)``."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def _normalised_grid(u: torch.Tensor) -> torch.Tensor:
+    """Voxel positions ``x + u(x)`` as the ``(B, D, H, W, 3)`` (x, y, z) grid that ``grid_sample`` wants."""
+    shape = u.shape[2:]
+    pos = identity_grid(shape, u.device, u.dtype) + u
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=u.device, dtype=u.dtype)
+    pos = pos * scale.view(1, 3, 1, 1, 1) - 1.0
+    return pos.permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def warp(image: torch.Tensor, u: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
+    """Sample ``image`` at ``x + u(x)``. ``mode`` is ``"bilinear"`` (trilinear) or ``"nearest"``."""
+    if image.shape[2:] != u.shape[2:]:
+        raise ValueError(f"image grid {tuple(image.shape[2:])} and field grid {tuple(u.shape[2:])} differ")
+    if u.shape[1] != 3:
+        raise ValueError(f"a displacement field has 3 channels, got {u.shape[1]}")
+    grid = _normalised_grid(u.to(image.dtype) if image.is_floating_point() else u)
+    src = image if image.is_floating_point() else image.to(u.dtype)
+    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding, align_corners=True)
+    return out if image.is_floating_point() else out.round().to(image.dtype)
+
+
+def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``phi_a o phi_b``: ``x -> x + b(x) + a(x + b(x))`` (apply ``b`` first)."""
+    return b + warp(a, b, padding="border")
+
+
+def integrate(v: torch.Tensor, steps: int = DEFAULT_INTEGRATION_STEPS) -> torch.Tensor:
+    """``exp(v)`` by scaling and squaring: the displacement of the flow of a stationary velocity field."""
+    if steps < 0:
+        raise ValueError("integration steps must be >= 0")
+    u = v / (2**steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+
+def resize_field(u: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resample a voxel-unit field to another grid covering the same extent, rescaling its magnitudes.
+
+    Grids are related voxel-centre to voxel-centre (``align_corners=False``), as in a stride-2 pyramid,
+    so component ``c`` is multiplied by ``new_size / old_size`` along axis ``c``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if tuple(u.shape[2:]) == shape:
+        return u
+    factors = torch.tensor([n / o for n, o in zip(shape, u.shape[2:])], device=u.device, dtype=u.dtype)
+    out = F.interpolate(u, size=shape, mode="trilinear", align_corners=False)
+    return out * factors.view(1, 3, 1, 1, 1)
+
+
+def inverse(v: torch.Tensor, steps: int = DEFAULT_INTEGRATION_STEPS) -> torch.Tensor:
+    """Displacement of ``exp(v)^-1 = exp(-v)``."""
+    return integrate(-v, steps)
