@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .network import DTN, DTNConfig, build_model
@@ -90,7 +90,7 @@ def read_weights(path: str | os.PathLike, expected_sha256: str | None = None):
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise ModelError(f"{path}: not a readable safetensors weights file ({err})") from err
     if "dtn_config" not in metadata:
         raise ModelError(f"{path}: no 'dtn_config' in its metadata; not a DTNRegistration weights file")
