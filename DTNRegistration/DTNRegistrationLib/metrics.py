@@ -32,29 +32,54 @@ def mean_dice(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = None)
 
 
 def jacobian_determinant(u: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-    """``det(I + du/dx)`` of a displacement field.
+    """``det(I + du/dx)`` of a displacement field on an axis-aligned grid.
 
     ``u`` has shape ``(3, D, H, W)``, channel ``c`` along array axis ``c``, in the same length unit as
     ``spacing`` (voxel units with unit spacing, or millimetres with the grid's spacing per array axis).
     Derivatives are central differences inside and one-sided at the borders (``np.gradient``).
     """
-    u = np.asarray(u, dtype=np.float64)
+    u = np.asarray(u)
     if u.ndim != 4 or u.shape[0] != 3:
         raise ValueError(f"expected a (3, D, H, W) field, got shape {u.shape}")
-    if min(u.shape[1:]) < 2:
-        raise ValueError("a field needs at least 2 voxels along every axis for a Jacobian")
-    grad = np.empty((3, 3) + u.shape[1:])
+    _check_thick(u.shape[1:])
+    grad = np.empty(u.shape[1:] + (3, 3), np.float64)
     for c in range(3):
-        for ax, g in enumerate(np.gradient(u[c], *[float(s) for s in spacing])):
-            grad[c, ax] = g
-    grad[0, 0] += 1.0
-    grad[1, 1] += 1.0
-    grad[2, 2] += 1.0
-    return (
-        grad[0, 0] * (grad[1, 1] * grad[2, 2] - grad[1, 2] * grad[2, 1])
-        - grad[0, 1] * (grad[1, 0] * grad[2, 2] - grad[1, 2] * grad[2, 0])
-        + grad[0, 2] * (grad[1, 0] * grad[2, 1] - grad[1, 1] * grad[2, 0])
-    )
+        for axis, g in enumerate(np.gradient(u[c].astype(np.float64), *[float(s) for s in spacing])):
+            grad[..., c, axis] = g
+    return _det_identity_plus(grad)
+
+
+def physical_jacobian_determinant(field: np.ndarray, spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+    """``det(I + dD/dX)`` of an ITK displacement field on any (oblique, flipped) grid, as float32.
+
+    ``field`` is ``sitk.GetArrayFromImage`` of a vector image: shape ``(K, J, I, 3)``, components x, y, z in
+    mm. Index derivatives are mapped to physical ones through the grid's direction and spacing:
+    ``dD/dX = dD/d(i, j, k) @ inv(direction @ diag(spacing))``.
+    """
+    field = np.asarray(field)
+    if field.ndim != 4 or field.shape[-1] != 3:
+        raise ValueError(f"expected a (K, J, I, 3) vector field, got shape {field.shape}")
+    _check_thick(field.shape[:3])
+    to_physical = np.linalg.inv(np.reshape(direction, (3, 3)) @ np.diag(spacing)).astype(np.float32)
+    grad_index = np.empty(field.shape[:3] + (3, 3), np.float32)  # [..., component, index axis i/j/k]
+    for c in range(3):
+        dk, dj, di = np.gradient(field[..., c].astype(np.float32))
+        grad_index[..., c, 0], grad_index[..., c, 1], grad_index[..., c, 2] = di, dj, dk
+    return _det_identity_plus(grad_index @ to_physical).astype(np.float32)
+
+
+def _check_thick(shape: Sequence[int]) -> None:
+    if min(shape) < 2:
+        raise ValueError("a field needs at least 2 voxels along every axis for a Jacobian")
+
+
+def _det_identity_plus(grad: np.ndarray) -> np.ndarray:
+    """Determinant of ``I + grad`` for a stack of 3x3 matrices (last two axes)."""
+    g = grad
+    a, b, c = g[..., 0, 0] + 1, g[..., 0, 1], g[..., 0, 2]
+    d, e, f = g[..., 1, 0], g[..., 1, 1] + 1, g[..., 1, 2]
+    h, i, k = g[..., 2, 0], g[..., 2, 1], g[..., 2, 2] + 1
+    return a * (e * k - f * i) - b * (d * k - f * h) + c * (d * i - e * h)
 
 
 def folding(jac: np.ndarray, mask: np.ndarray | None = None) -> tuple[int, float]:

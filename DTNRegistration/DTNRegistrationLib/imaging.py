@@ -1,0 +1,247 @@
+"""Image I/O, validation and geometry with SimpleITK: everything physical lives here (LPS, millimetres)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+SIZE_MULTIPLE = 16
+LABEL_PIXEL_TYPES = {
+    sitk.sitkUInt8,
+    sitk.sitkInt8,
+    sitk.sitkUInt16,
+    sitk.sitkInt16,
+    sitk.sitkUInt32,
+    sitk.sitkInt32,
+    sitk.sitkUInt64,
+    sitk.sitkInt64,
+}
+
+
+class InputError(ValueError):
+    """Input the pipeline cannot use; the message names the file or image and the problem."""
+
+
+def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+    """Read a 3-D scalar image as float32, squeezing a singleton 4th axis, and check it is usable."""
+    image = _read(path, what)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} {path}: has {image.GetNumberOfComponentsPerPixel()} components; expected a scalar")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    check_image(image, f"{what} {path}")
+    return image
+
+
+def read_labels(path: str | os.PathLike, reference: sitk.Image | None = None, what: str = "label map") -> sitk.Image:
+    """Read an integer label map; with ``reference``, check it shares that image's grid."""
+    labels = _read(path, what)
+    check_labels(labels, f"{what} {path}", reference)
+    return sitk.Cast(labels, sitk.sitkInt32)
+
+
+def _read(path: str | os.PathLike, what: str) -> sitk.Image:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path}: file not found")
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise InputError(f"{what} {path}: not a readable file")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown format"
+        raise InputError(f"{what} {path}: cannot be read as an image ({reason})") from None
+    return squeeze_to_3d(image, f"{what} {path}")
+
+
+def squeeze_to_3d(image: sitk.Image, what: str) -> sitk.Image:
+    """Drop singleton axes beyond the third; refuse 2-D images and true 4-D series."""
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        if size[3] != 1:
+            raise InputError(f"{what}: a 4-D image with {size[3]} volumes; give a single 3-D volume")
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    if image.GetDimension() != 3:
+        raise InputError(f"{what}: a {image.GetDimension()}-D image; a 3-D volume is needed")
+    if min(image.GetSize()) < 4:
+        raise InputError(f"{what}: size {image.GetSize()} is too thin for 3-D registration (at least 4 voxels per axis)")
+    return image
+
+
+def check_image(image: sitk.Image, what: str) -> None:
+    """Refuse images the network cannot register: non-3-D, NaN/Inf voxels, empty or constant."""
+    if image.GetDimension() != 3:
+        raise InputError(f"{what}: a {image.GetDimension()}-D image; a 3-D volume is needed")
+    if min(image.GetSize()) < 4:
+        raise InputError(f"{what}: size {image.GetSize()} is too thin for 3-D registration (at least 4 voxels per axis)")
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all():
+        raise InputError(f"{what}: contains NaN or Inf voxels")
+    if float(array.max()) == float(array.min()):
+        raise InputError(f"{what}: is constant (every voxel {float(array.min()):g}); nothing to register")
+
+
+def check_labels(labels: sitk.Image, what: str, reference: sitk.Image | None = None) -> None:
+    """Label maps must be integer (or integral floats) and, given a reference, on its grid."""
+    if labels.GetNumberOfComponentsPerPixel() != 1 or labels.GetDimension() != 3:
+        raise InputError(f"{what}: not a 3-D scalar label map")
+    if labels.GetPixelID() not in LABEL_PIXEL_TYPES:
+        array = sitk.GetArrayViewFromImage(labels)
+        if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
+            raise InputError(f"{what}: is not an integer label map (pixel type {labels.GetPixelIDTypeAsString()})")
+    if reference is not None:
+        check_same_grid(labels, reference, what)
+
+
+def check_same_grid(image: sitk.Image, reference: sitk.Image, what: str, tol: float = 1e-3) -> None:
+    """Refuse an image whose size, spacing, origin or direction differs from the reference's."""
+    problems = []
+    if image.GetSize() != reference.GetSize():
+        problems.append(f"size {image.GetSize()} vs {reference.GetSize()}")
+    for name in ("Spacing", "Origin", "Direction"):
+        a, b = getattr(image, f"Get{name}")(), getattr(reference, f"Get{name}")()
+        if not np.allclose(a, b, atol=tol * max(1.0, float(np.abs(b).max()))):
+            problems.append(f"{name.lower()} {tuple(round(x, 4) for x in a)} vs {tuple(round(x, 4) for x in b)}")
+    if problems:
+        raise InputError(f"{what}: does not match its image's geometry ({'; '.join(problems)})")
+
+
+def foreground_mask(image: sitk.Image) -> sitk.Image:
+    """Head or brain voxels: Otsu threshold, largest connected component, holes closed."""
+    smooth = sitk.SmoothingRecursiveGaussian(image, 2.0 * max(image.GetSpacing()))
+    mask = sitk.OtsuThreshold(smooth, 0, 1)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+    largest = components == 1
+    if sitk.GetArrayViewFromImage(largest).any():
+        mask = largest
+    return sitk.BinaryFillhole(mask)
+
+
+def normalize_intensity(image: sitk.Image, mask: sitk.Image | None = None) -> sitk.Image:
+    """Map the foreground's 1st..99.5th percentiles to [0, 1] and clip (robust to outliers and scanners)."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    region = sitk.GetArrayViewFromImage(mask if mask is not None else foreground_mask(image)).astype(bool)
+    values = array[region] if region.any() else array.ravel()
+    low, high = np.percentile(values, [1.0, 99.5])
+    if high <= low:
+        low, high = float(array.min()), float(array.max())
+    out = sitk.GetImageFromArray(np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def physical_bounds(image: sitk.Image, mask: sitk.Image | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned LPS bounding box (min, max corners in mm) of the mask's voxels, or of the whole image."""
+    if mask is not None and sitk.GetArrayViewFromImage(mask).any():
+        stats = sitk.LabelShapeStatisticsImageFilter()
+        stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
+        box = stats.GetBoundingBox(1)  # (x, y, z, size_x, size_y, size_z) in index space
+        lo, size = np.array(box[:3], float), np.array(box[3:], float)
+    else:
+        lo, size = np.zeros(3), np.array(image.GetSize(), float)
+    corners = [lo + np.array([a, b, c]) * (size - 1) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p))) for p in corners])
+    return points.min(0), points.max(0)
+
+
+def model_reference(
+    image: sitk.Image,
+    spacing_mm: float,
+    multiple: int = SIZE_MULTIPLE,
+    mask: sitk.Image | None = None,
+    size: tuple[int, int, int] | None = None,
+    margin_mm: float = 8.0,
+) -> sitk.Image:
+    """The network's grid for ``image``: LPS-aligned (identity direction), isotropic ``spacing_mm``,
+    centred on the foreground (``mask``, or the Otsu head/brain mask), each size a multiple of ``multiple``.
+
+    The identity direction means the network always sees anatomy in one orientation, whatever the
+    file's own axes (RAS, LAS, LSA, oblique). ``size`` (x, y, z) fixes the grid size instead.
+    """
+    lo, hi = physical_bounds(image, mask if mask is not None else foreground_mask(image))
+    centre = (lo + hi) / 2.0
+    if size is None:
+        extent = hi - lo + 2 * margin_mm
+        size = tuple(int(math.ceil(e / spacing_mm / multiple) * multiple) for e in extent)
+    reference = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    reference.SetSpacing([float(spacing_mm)] * 3)
+    reference.SetDirection([1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0])
+    reference.SetOrigin(tuple(centre - (np.array(size) - 1) * spacing_mm / 2.0))
+    return reference
+
+
+def resample(
+    image: sitk.Image,
+    reference: sitk.Image,
+    interpolator: str = "linear",
+    transform: sitk.Transform | None = None,
+    default: float = 0.0,
+) -> sitk.Image:
+    """``image`` sampled on ``reference``'s grid at ``transform(x)`` (identity if None)."""
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolator]
+    transform = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    return sitk.Resample(image, reference, transform, interp, default, image.GetPixelID())
+
+
+def affine_initialisation(
+    moving: sitk.Image,
+    fixed: sitk.Image,
+    fixed_mask: sitk.Image | None = None,
+    spacing_mm: float = 3.0,
+    seed: int = 17,
+) -> sitk.AffineTransform:
+    """Fixed-to-moving affine by mutual information: moments centring, then rigid, then affine, coarse to fine.
+
+    Runs on copies resampled to ``spacing_mm`` (speed); the result is a plain AffineTransform in LPS mm.
+    """
+    fixed_small = _downsample(fixed, spacing_mm)
+    moving_small = _downsample(moving, spacing_mm)
+    fixed_fg = foreground_mask(fixed_small) if fixed_mask is None else resample(fixed_mask, fixed_small, "nearest")
+    moving_fg = foreground_mask(moving_small)
+    initial = sitk.CenteredTransformInitializer(
+        sitk.Cast(fixed_fg, sitk.sitkFloat32),
+        sitk.Cast(moving_fg, sitk.sitkFloat32),
+        sitk.Euler3DTransform(),
+        sitk.CenteredTransformInitializerFilter.MOMENTS,
+    )
+    rigid = _run_mi(fixed_small, moving_small, fixed_fg, initial, seed, iterations=(100, 60))
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(rigid.GetCenter())
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    affine = _run_mi(fixed_small, moving_small, fixed_fg, affine, seed, iterations=(100, 60))
+    return sitk.AffineTransform(affine)
+
+
+def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    spacing = np.maximum(np.array(image.GetSpacing()), spacing_mm)
+    size = [max(4, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    blurred = sitk.SmoothingRecursiveGaussian(image, float(spacing_mm) / 2.0)
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing(tuple(float(s) for s in spacing))
+    ref.SetDirection(image.GetDirection())
+    ref.SetOrigin(image.GetOrigin())
+    return resample(blurred, ref)
+
+
+def _run_mi(fixed, moving, fixed_mask, initial, seed: int, iterations: tuple[int, int]) -> sitk.Transform:
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(0.25, seed)
+    method.SetMetricFixedMask(sitk.Cast(sitk.BinaryDilate(fixed_mask > 0, [3, 3, 3]), sitk.sitkUInt8))
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-3, numberOfIterations=iterations[0], gradientMagnitudeTolerance=1e-6
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([2, 1])
+    method.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    method.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+    transform = initial.__class__(initial)
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+    return transform

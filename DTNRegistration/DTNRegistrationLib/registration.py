@@ -1,0 +1,296 @@
+"""The one entry point of both faces: ``register(moving, fixed, ...) -> RegistrationResult``.
+
+Data flow: affine initialisation in physical space -> both images onto the model's grid (LPS-aligned,
+isotropic, sizes multiple of 16) -> DTN velocity (optionally refined) -> exp(v) -> the full fixed-to-moving
+map on the fixed image's grid in mm, affine included -> warped image, labels, Jacobian, folding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import imaging, metrics
+from .imaging import InputError
+from .models import LoadedModel, load_model
+from .refinement import refine_velocity
+
+DEFAULT_REFINE_STEPS = 0
+
+
+class Cancelled(Exception):
+    """The caller's cancel flag stopped the registration; nothing was produced."""
+
+
+@dataclass
+class RegistrationResult:
+    warped: sitk.Image
+    displacement: sitk.Image
+    inverse_displacement: sitk.Image
+    jacobian: sitk.Image
+    folding: sitk.Image
+    warped_labels: sitk.Image | None
+    metrics: dict
+    timings: dict
+    device: str
+    model: dict
+    alpha: float
+    affine: sitk.AffineTransform | None = field(default=None, repr=False)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an input error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for, but no CUDA GPU is available to torch here; use --device cpu")
+    if str(device) not in ("cpu",) and not str(device).startswith("cuda"):
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+class _Stages:
+    """Timing, progress and cancel checks for the stages of one registration."""
+
+    def __init__(self, progress, cancel) -> None:
+        self.progress, self.cancel, self.timings = progress, cancel, {}
+        self._name, self._start = None, time.perf_counter()
+
+    def begin(self, name: str, fraction: float, message: str) -> None:
+        self.end()
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("registration cancelled")
+        if self.progress is not None:
+            self.progress(fraction, message)
+        self._name, self._start = name, time.perf_counter()
+
+    def end(self) -> None:
+        if self._name is not None:
+            self.timings[self._name] = round(time.perf_counter() - self._start, 3)
+            self._name = None
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("registration cancelled")
+
+
+def register(
+    moving: sitk.Image,
+    fixed: sitk.Image,
+    *,
+    moving_labels: sitk.Image | None = None,
+    fixed_labels: sitk.Image | None = None,
+    mask: sitk.Image | None = None,
+    alpha: float | None = None,
+    device: str = "auto",
+    model: str | LoadedModel | None = None,
+    refine: int | None = None,
+    affine: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed``; see the module docstring and docs/engine-interfaces.md."""
+    start = time.perf_counter()
+    stages = _Stages(progress, cancel)
+    stages.begin("validate", 0.0, "checking inputs")
+    moving, fixed = _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask)
+    torch_device = resolve_device(device)
+    stages.begin("load_model", 0.02, "loading model")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    cfg = loaded.config
+    alpha = float(cfg.alpha if alpha is None else alpha)
+    if alpha <= 0 or not np.isfinite(alpha):
+        raise InputError(f"alpha must be a positive number, got {alpha}")
+    refine = DEFAULT_REFINE_STEPS if refine is None else int(refine)
+    if refine < 0:
+        raise InputError(f"refine steps must be >= 0, got {refine}")
+
+    stages.begin("affine", 0.05, "affine initialisation")
+    transform = imaging.affine_initialisation(moving, fixed, mask) if affine else sitk.AffineTransform(3)
+
+    stages.begin("preprocess", 0.2, "resampling onto the model grid")
+    reference = imaging.model_reference(fixed, loaded.spacing_mm, mask=mask)
+    fixed_grid = imaging.resample(imaging.normalize_intensity(fixed), reference)
+    moving_grid = imaging.resample(imaging.normalize_intensity(moving), reference, transform=transform)
+    mask_grid = imaging.resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference) if mask is not None else None
+
+    stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
+    velocity, torch_device = _predict(loaded, moving_grid, fixed_grid, alpha, torch_device)
+    if refine:
+        stages.begin("refine", 0.4, f"refining ({refine} steps)")
+        velocity = _refine(loaded, velocity, moving_grid, fixed_grid, mask_grid, alpha, refine, torch_device, stages)
+
+    stages.begin("outputs", 0.85, "building the deformation on the fixed grid")
+    with torch.inference_mode():
+        shape = tuple(sitk.GetArrayViewFromImage(reference).shape)
+        forward = loaded.model.displacement(velocity, shape)
+        backward = loaded.model.displacement(velocity, shape, inverse=True)
+    displacement = _full_map(_field_image(forward, reference), transform, fixed)
+    inverse = _full_map(_field_image(backward, reference), transform.GetInverse(), moving, inverse=True)
+    warped = sitk.Resample(moving, fixed, _as_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    jac_array = metrics.physical_jacobian_determinant(
+        sitk.GetArrayViewFromImage(displacement), fixed.GetSpacing(), fixed.GetDirection()
+    )
+    jacobian = _like(jac_array, fixed)
+    folding = _like((jac_array <= 0).astype(np.uint8), fixed)
+
+    stages.begin("labels", 0.95, "propagating labels")
+    warped_labels = None
+    report = _field_metrics(jac_array, mask)
+    if moving_labels is not None:
+        warped_labels = sitk.Resample(
+            moving_labels, fixed, _as_transform(displacement), sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID()
+        )
+        if fixed_labels is not None:
+            report.update(_dice_metrics(warped_labels, fixed_labels, moving_labels))
+    stages.end()
+    stages.timings["total"] = round(time.perf_counter() - start, 3)
+    if progress is not None:
+        progress(1.0, "done")
+    return RegistrationResult(
+        warped=warped,
+        displacement=displacement,
+        inverse_displacement=inverse,
+        jacobian=jacobian,
+        folding=folding,
+        warped_labels=warped_labels,
+        metrics=report,
+        timings=stages.timings,
+        device=_device_name(torch_device),
+        model={"name": loaded.name, "sha256": loaded.sha256, "variant": cfg.variant, "spacing_mm": loaded.spacing_mm},
+        alpha=alpha,
+        affine=transform,
+    )
+
+
+def _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask):
+    for what, image in (("moving image", moving), ("fixed image", fixed)):
+        if not isinstance(image, sitk.Image):
+            raise InputError(f"{what}: expected a SimpleITK image, got {type(image).__name__}")
+        image = imaging.squeeze_to_3d(image, what)
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"{what}: has {image.GetNumberOfComponentsPerPixel()} components; expected a scalar")
+        imaging.check_image(sitk.Cast(image, sitk.sitkFloat32), what)
+    moving = sitk.Cast(imaging.squeeze_to_3d(moving, "moving image"), sitk.sitkFloat32)
+    fixed = sitk.Cast(imaging.squeeze_to_3d(fixed, "fixed image"), sitk.sitkFloat32)
+    if moving_labels is not None:
+        imaging.check_labels(moving_labels, "moving labels", moving)
+    if fixed_labels is not None:
+        imaging.check_labels(fixed_labels, "fixed labels", fixed)
+    if mask is not None:
+        imaging.check_labels(mask, "mask", fixed)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise InputError("mask: is empty (no voxel is set)")
+    return moving, fixed
+
+
+def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(sitk.GetArrayFromImage(image)).to(device)[None, None]
+
+
+def _predict(loaded: LoadedModel, moving: sitk.Image, fixed: sitk.Image, alpha: float, device: torch.device):
+    """Network velocity; a CUDA out-of-memory falls back to the CPU with a warning."""
+    try:
+        loaded.model.to(device)
+        with torch.inference_mode():
+            return loaded.model(_tensor(moving, device), _tensor(fixed, device), alpha), device
+    except torch.cuda.OutOfMemoryError:
+        import warnings
+
+        warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=3)
+        torch.cuda.empty_cache()
+        return _predict(loaded, moving, fixed, alpha, torch.device("cpu"))
+
+
+def _refine(loaded, velocity, moving, fixed, mask, alpha, steps, device, stages) -> torch.Tensor:
+    def on_step(step: int, loss: float) -> None:
+        stages.check_cancel()
+        if stages.progress is not None:
+            stages.progress(0.4 + 0.45 * (step + 1) / steps, f"refining: step {step + 1}/{steps}, loss {loss:.4f}")
+
+    with torch.enable_grad():
+        return refine_velocity(
+            velocity.clone(),
+            _tensor(moving, device),
+            _tensor(fixed, device),
+            alpha,
+            steps,
+            similarity=loaded.info.get("similarity", "l1"),
+            mask=None if mask is None else _tensor(mask, device),
+            integration_steps=loaded.config.integration_steps,
+            on_step=on_step,
+        )
+
+
+def _field_image(u: torch.Tensor, reference: sitk.Image) -> sitk.Image:
+    """Voxel-unit field (array axes k, j, i) on the LPS-aligned model grid -> ITK field (x, y, z in mm)."""
+    array = u[0].detach().cpu().numpy()[::-1].transpose(1, 2, 3, 0) * reference.GetSpacing()[0]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float64), isVector=True)
+    image.CopyInformation(reference)
+    return image
+
+
+def _as_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
+    # DisplacementFieldTransform takes its image over, so hand it a copy.
+    return sitk.DisplacementFieldTransform(sitk.Image(displacement))
+
+
+def _full_map(grid_field: sitk.Image, affine: sitk.Transform, reference: sitk.Image, inverse: bool = False):
+    """The single ITK displacement field on ``reference``'s grid that does the whole mapping.
+
+    Forward (fixed grid): ``x -> A(x + d(x))``. Inverse (moving grid): ``y -> z + d_inv(z)``, ``z = A^-1(y)``.
+    Outside the model grid the deformable part is zero, leaving the affine alone.
+    """
+    deform = _as_transform(grid_field)
+    composite = sitk.CompositeTransform(3)
+    if inverse:  # applied last-added first: A^-1, then the inverse deformation
+        composite.AddTransform(deform)
+        composite.AddTransform(affine)
+    else:
+        composite.AddTransform(affine)
+        composite.AddTransform(deform)
+    to_field = sitk.TransformToDisplacementFieldFilter()
+    to_field.SetReferenceImage(reference)
+    to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return to_field.Execute(composite)
+
+
+def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def _field_metrics(jac: np.ndarray, mask: sitk.Image | None) -> dict:
+    region = None if mask is None else sitk.GetArrayViewFromImage(mask) > 0
+    count, percent = metrics.folding(jac, region)
+    return {
+        "folding_count": count,
+        "folding_percent": percent,
+        "sd_log_jacobian": metrics.sd_log_jacobian(jac, region),
+        "jacobian_min": float(jac.min()),
+        "jacobian_max": float(jac.max()),
+    }
+
+
+def _dice_metrics(warped_labels: sitk.Image, fixed_labels: sitk.Image, moving_labels: sitk.Image) -> dict:
+    warped = sitk.GetArrayViewFromImage(warped_labels)
+    target = sitk.GetArrayViewFromImage(fixed_labels)
+    labels = sorted(set(np.unique(sitk.GetArrayViewFromImage(moving_labels)).tolist()) - {0})
+    per_label = metrics.dice(warped, target, labels)
+    values = [v for v in per_label.values() if not np.isnan(v)]
+    return {"dice": {str(k): v for k, v in per_label.items()}, "dice_mean": float(np.mean(values)) if values else None}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+__all__ = ["Cancelled", "RegistrationResult", "register", "resolve_device"]
