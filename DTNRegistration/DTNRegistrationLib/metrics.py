@@ -16,7 +16,7 @@ def dice(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = None) -> d
     if a.shape != b.shape:
         raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
     if labels is None:
-        labels = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0})
+        labels = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
     out = {}
     for lab in labels:
         ia, ib = a == lab, b == lab
