@@ -58,7 +58,9 @@ def test_physical_jacobian_on_oblique_flipped_grid():
     # an anisotropic stretch along physical x only is seen as such whatever the grid's axes
     stretch = np.zeros_like(field)
     stretch[..., 0] = 0.5 * (points[..., 0] - centre[0])
-    np.testing.assert_allclose(metrics.physical_jacobian_determinant(stretch, spacing, direction.ravel()), 1.5, rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics.physical_jacobian_determinant(stretch, spacing, direction.ravel()), 1.5, rtol=1e-5
+    )
 
 
 def test_sd_log_jacobian():

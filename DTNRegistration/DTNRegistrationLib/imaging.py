@@ -67,7 +67,9 @@ def squeeze_to_3d(image: sitk.Image, what: str) -> sitk.Image:
     if image.GetDimension() != 3:
         raise InputError(f"{what}: a {image.GetDimension()}-D image; a 3-D volume is needed")
     if min(image.GetSize()) < 4:
-        raise InputError(f"{what}: size {image.GetSize()} is too thin for 3-D registration (at least 4 voxels per axis)")
+        raise InputError(
+            f"{what}: size {image.GetSize()} is too thin for 3-D registration (at least 4 voxels per axis)"
+        )
     return image
 
 
@@ -76,7 +78,9 @@ def check_image(image: sitk.Image, what: str) -> None:
     if image.GetDimension() != 3:
         raise InputError(f"{what}: a {image.GetDimension()}-D image; a 3-D volume is needed")
     if min(image.GetSize()) < 4:
-        raise InputError(f"{what}: size {image.GetSize()} is too thin for 3-D registration (at least 4 voxels per axis)")
+        raise InputError(
+            f"{what}: size {image.GetSize()} is too thin for 3-D registration (at least 4 voxels per axis)"
+        )
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all():
         raise InputError(f"{what}: contains NaN or Inf voxels")
@@ -123,7 +127,7 @@ def foreground_mask(image: sitk.Image) -> sitk.Image:
 def normalize_intensity(image: sitk.Image, mask: sitk.Image | None = None) -> sitk.Image:
     """Map the foreground's 1st..99.5th percentiles to [0, 1] and clip (robust to outliers and scanners)."""
     array = sitk.GetArrayFromImage(image).astype(np.float32)
-    region = sitk.GetArrayViewFromImage(mask if mask is not None else foreground_mask(image)).astype(bool)
+    region = sitk.GetArrayFromImage(mask if mask is not None else foreground_mask(image)).astype(bool)
     values = array[region] if region.any() else array.ravel()
     low, high = np.percentile(values, [1.0, 99.5])
     if high <= low:

@@ -21,17 +21,24 @@ def local_ncc(
     warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, mask: torch.Tensor | None = None, eps: float = 1e-5
 ) -> torch.Tensor:
     """One minus the mean squared local normalised cross-correlation over cubic windows (0 = identical)."""
-    kernel = torch.ones(1, 1, window, window, window, device=fixed.device, dtype=fixed.dtype) / window**3
-
-    def box(x: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(x, kernel, padding=window // 2)
-
-    mu_w, mu_f = box(warped), box(fixed)
-    var_w = (box(warped * warped) - mu_w**2).clamp_min(0)
-    var_f = (box(fixed * fixed) - mu_f**2).clamp_min(0)
-    cov = box(warped * fixed) - mu_w * mu_f
+    if window % 2 == 0:
+        raise ValueError(f"the NCC window must be odd, got {window}")
+    # the five local means in one separable box filter (about 30x faster than a dense 9^3 convolution on a CPU)
+    stacked = torch.cat([warped, fixed, warped * warped, fixed * fixed, warped * fixed], dim=1)
+    mu_w, mu_f, ww, ff, wf = _box_mean(stacked, window).split(warped.shape[1], dim=1)
+    var_w = (ww - mu_w**2).clamp_min(0)
+    var_f = (ff - mu_f**2).clamp_min(0)
+    cov = wf - mu_w * mu_f
     cc = cov * cov / (var_w * var_f + eps)
     return 1.0 - _masked_mean(cc, mask)
+
+
+def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a cubic window truncated at the borders, as three 1-D average poolings."""
+    p = window // 2
+    x = F.avg_pool3d(x, (window, 1, 1), stride=1, padding=(p, 0, 0), count_include_pad=False)
+    x = F.avg_pool3d(x, (1, window, 1), stride=1, padding=(0, p, 0), count_include_pad=False)
+    return F.avg_pool3d(x, (1, 1, window), stride=1, padding=(0, 0, p), count_include_pad=False)
 
 
 def gradient_smoothness(v: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,9 @@ def jacobian_determinant(u: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.
     return _det_identity_plus(grad)
 
 
-def physical_jacobian_determinant(field: np.ndarray, spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+def physical_jacobian_determinant(
+    field: np.ndarray, spacing: Sequence[float], direction: Sequence[float]
+) -> np.ndarray:
     """``det(I + dD/dX)`` of an ITK displacement field on any (oblique, flipped) grid, as float32.
 
     ``field`` is ``sitk.GetArrayFromImage`` of a vector image: shape ``(K, J, I, 3)``, components x, y, z in

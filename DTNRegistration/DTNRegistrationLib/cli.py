@@ -1,0 +1,282 @@
+"""The ``dtnreg`` command line: register | batch | demo | train | benchmark.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the file and the problem), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from . import __version__
+from .imaging import InputError
+from .models import ModelError
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Samples"
+SAMPLE = {
+    "moving": SAMPLES_DIR / "moving_itk_head_brain.nii.gz",
+    "fixed": SAMPLES_DIR / "fixed_icbm2009a_t1_2mm.nii.gz",
+    "moving_labels": SAMPLES_DIR / "moving_itk_head_tissue.nii.gz",
+    "fixed_labels": SAMPLES_DIR / "fixed_icbm2009a_tissue_2mm.nii.gz",
+}
+
+
+def _add_registration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alpha", type=float, default=None, help="smoothness weight (default: the model's)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="shipped model name or a .safetensors path")
+    parser.add_argument("--refine", type=int, default=None, help="test-time optimisation steps")
+    parser.add_argument("--no-affine", action="store_true", help="skip the affine initialisation")
+    parser.add_argument("--format", default=".nii.gz", help="output image format: .nii.gz, .nii, .nrrd, .mha")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtnreg", description="Dual Transformer Network brain MRI registration")
+    parser.add_argument("--version", action="version", version=f"dtnreg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    reg = sub.add_parser("register", help="register one moving image onto one fixed image")
+    reg.add_argument("--moving", required=True)
+    reg.add_argument("--fixed", required=True)
+    reg.add_argument("--moving-labels")
+    reg.add_argument("--fixed-labels")
+    reg.add_argument("--mask", help="fixed-image mask restricting the similarity (e.g. a brain mask)")
+    reg.add_argument("--output-dir", required=True)
+    reg.add_argument("--scene", help="also write a Slicer scene (.mrb) with the result nodes (needs slicer-core)")
+    _add_registration_options(reg)
+
+    batch = sub.add_parser("batch", help="many pairs with one loaded model: a CSV of pairs, or one atlas")
+    batch.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,name]")
+    batch.add_argument("--fixed", help="atlas mode: one fixed image ...")
+    batch.add_argument("--moving", nargs="+", help="... and many moving images")
+    batch.add_argument("--output-dir", required=True, help="one sub-folder per pair")
+    _add_registration_options(batch)
+
+    demo = sub.add_parser("demo", help="register the bundled sample pair and draw a figure")
+    demo.add_argument("--output-dir", default="demo-output")
+    _add_registration_options(demo)
+
+    bench = sub.add_parser("benchmark", help="print speed and memory figures of the network")
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--sizes", default="144x160x192,160x192x224")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--variant", default="dtn")
+
+    train = sub.add_parser("train", help="train a model (see the README)")
+    try:
+        from .training import add_arguments
+
+        add_arguments(train)
+    except ImportError:  # training extras missing: the subcommand says so when used
+        pass
+    return parser
+
+
+class _Progress:
+    """A tqdm bar on stderr fed by the engine's progress callback."""
+
+    def __init__(self, quiet: bool, label: str = "") -> None:
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=100, file=sys.stderr, desc=label, bar_format="{desc} {bar} {percentage:3.0f}% {postfix}"
+            )
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is not None:
+            self.bar.n = int(round(100 * fraction))
+            self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed_labels=None, mask=None, scene=None):
+    """Read, register and write one pair; returns the result. Nothing is left behind on failure."""
+    from . import imaging, outputs, registration
+
+    extension = outputs.check_extension(args.format)
+    stage = outputs.StagedOutput(output_dir)
+    progress = _Progress(args.quiet, Path(moving).name)
+    try:
+        moving_img = imaging.read_image(moving, "moving image")
+        fixed_img = imaging.read_image(fixed, "fixed image")
+        m_labels = imaging.read_labels(moving_labels, moving_img, "moving labels") if moving_labels else None
+        f_labels = imaging.read_labels(fixed_labels, fixed_img, "fixed labels") if fixed_labels else None
+        mask_img = imaging.read_labels(mask, fixed_img, "mask") if mask else None
+        result = registration.register(
+            moving_img,
+            fixed_img,
+            moving_labels=m_labels,
+            fixed_labels=f_labels,
+            mask=mask_img,
+            alpha=args.alpha,
+            device=args.device,
+            model=loaded,
+            refine=args.refine,
+            affine=not args.no_affine,
+            progress=progress,
+        )
+        named = {"moving": moving, "fixed": fixed, "moving_labels": moving_labels, "fixed_labels": fixed_labels}
+        inputs = {key: None if value is None else str(value) for key, value in {**named, "mask": mask}.items()}
+        outputs.write_result(result, stage, extension, inputs)
+        if scene:
+            from .mrml import write_scene_from_files
+
+            write_scene_from_files(moving_img, fixed_img, result, stage.path(Path(scene).name), m_labels)
+        written = stage.commit()
+        if scene and Path(scene).parent.resolve() != Path(output_dir).resolve():
+            Path(scene).parent.mkdir(parents=True, exist_ok=True)
+            Path(output_dir, Path(scene).name).replace(scene)
+        progress.close()
+        if not args.quiet:
+            _summary(result, written)
+        return result
+    except BaseException:
+        progress.close()
+        stage.discard()
+        raise
+
+
+def _summary(result, written) -> None:
+    m = result.metrics
+    line = f"folding {m['folding_count']} voxels ({m['folding_percent']:.4f} %), {result.timings['total']:.1f} s"
+    if m.get("dice_mean") is not None:
+        line += f", mean Dice {m['dice_mean']:.3f}"
+    print(f"{line}; wrote {len(written)} files to {written[0].parent}", file=sys.stderr)
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model)
+
+
+def cmd_register(args) -> int:
+    _run_pair(
+        args,
+        _load(args),
+        args.moving,
+        args.fixed,
+        args.output_dir,
+        args.moving_labels,
+        args.fixed_labels,
+        args.mask,
+        args.scene,
+    )
+    return 0
+
+
+def _batch_rows(args) -> list[dict]:
+    if args.pairs:
+        path = Path(args.pairs)
+        if not path.is_file():
+            raise InputError(f"pairs file {path}: file not found")
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or not {"moving", "fixed"} <= set(rows[0]):
+            raise InputError(f"pairs file {path}: needs a header with at least the columns moving,fixed")
+        base = path.parent
+        for row in rows:
+            for key in ("moving", "fixed", "moving_labels", "fixed_labels", "mask"):
+                if row.get(key):
+                    row[key] = str(base / row[key]) if not Path(row[key]).is_absolute() else row[key]
+        return rows
+    if args.fixed and args.moving:
+        return [{"moving": m, "fixed": args.fixed} for m in args.moving]
+    raise InputError("batch needs --pairs CSV, or --fixed ATLAS with --moving IMAGES")
+
+
+def cmd_batch(args) -> int:
+    rows = _batch_rows(args)
+    loaded = _load(args)
+    failures = 0
+    for i, row in enumerate(rows):
+        name = row.get("name") or f"{i:03d}_{Path(row['moving']).name.split('.')[0]}"
+        try:
+            _run_pair(
+                args,
+                loaded,
+                row["moving"],
+                row["fixed"],
+                Path(args.output_dir) / name,
+                row.get("moving_labels") or None,
+                row.get("fixed_labels") or None,
+                row.get("mask") or None,
+            )
+        except InputError as err:
+            failures += 1
+            print(f"dtnreg: pair {name}: {err}", file=sys.stderr)
+    print(f"{len(rows) - failures} of {len(rows)} pairs registered", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def cmd_demo(args) -> int:
+    from . import imaging
+    from .figures import summary_figure
+
+    missing = [str(p) for p in SAMPLE.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"bundled sample missing: {', '.join(missing)}")
+    result = _run_pair(
+        args,
+        _load(args),
+        SAMPLE["moving"],
+        SAMPLE["fixed"],
+        args.output_dir,
+        SAMPLE["moving_labels"],
+        SAMPLE["fixed_labels"],
+    )
+    figure = Path(args.output_dir) / "summary.png"
+    summary_figure(result, imaging.read_image(SAMPLE["moving"]), imaging.read_image(SAMPLE["fixed"]), figure)
+    print(f"figure: {figure}", file=sys.stderr)
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+def cmd_train(args) -> int:
+    try:
+        from .training import main as train_main
+    except ImportError as err:
+        raise InputError(f"training is not available: {err}") from None
+    return int(train_main(args) or 0)
+
+
+COMMANDS = {
+    "register": cmd_register,
+    "batch": cmd_batch,
+    "demo": cmd_demo,
+    "benchmark": cmd_benchmark,
+    "train": cmd_train,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (InputError, ModelError) as err:
+        print(f"dtnreg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dtnreg: interrupted; no partial output was kept", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - the contract: one line, exit 1
+        print(f"dtnreg: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,574 @@
+"""Training data: real images (a folder, or a Learn2Reg/OASIS dataset JSON), synthetic pairs, or a mix.
+
+Real images are prepared with the same functions as inference (``imaging``): read and validate,
+normalise intensities to [0, 1], optionally align affinely to a template, and resample onto the template's
+model grid (identity direction, isotropic ``spacing_mm``). Prepared volumes are cached as ``.npy`` files
+keyed by each file's path, size, mtime and the preparation settings, so a restart costs no preprocessing.
+All input is checked before training starts; a problem raises ``DataError`` naming the file.
+
+Pairs are sampled with a ``torch.Generator`` (see ``synth``), so sampling is deterministic and resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk  # noqa: N813
+import torch
+
+from . import synth
+from .imaging import (
+    InputError,
+    affine_initialisation,
+    model_reference,
+    normalize_intensity,
+    read_image,
+    read_labels,
+    resample,
+)
+from .models import atomic_write
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABEL_NAME_TOKENS = {"mask", "brainmask", "label", "labels", "seg", "aseg", "dseg", "parc", "kmeans"}
+CACHE_VERSION = 1
+Shape = tuple[int, int, int]
+
+
+class DataError(InputError):
+    """Training input that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Subject:
+    """One training image with its optional label map and mask (paths)."""
+
+    image: Path
+    label: Path | None = None
+    mask: Path | None = None
+
+    @property
+    def name(self) -> str:
+        name = self.image.name
+        for suffix in IMAGE_SUFFIXES:
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return self.image.stem
+
+
+@dataclass
+class Volume:
+    """A prepared image on the model grid, ``(D, H, W)`` float32 in [0, 1], with labels (contiguous ids) or None."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image = torch.tensor(np.asarray(self.image, dtype=np.float32))[None, None]  # a copy: caches are read-only
+        labels = None
+        if self.labels is not None:
+            labels = torch.tensor(np.asarray(self.labels, dtype=np.int64))[None, None]
+        return image, labels
+
+
+@dataclass
+class DatasetSpec:
+    """Where the real data is and how to prepare it (a subset of the training configuration)."""
+
+    images_dir: str | None = None
+    images_glob: str = "*"
+    labels_dir: str | None = None
+    dataset_json: str | None = None
+    atlas: str | None = None
+    atlas_labels: str | None = None
+    template: str | None = None
+    spacing_mm: float = 2.0
+    shape: Shape = (96, 112, 96)
+    align: str = "affine"
+    cache_dir: str | None = None
+    workers: int = 2
+
+    @property
+    def has_real(self) -> bool:
+        return bool(self.images_dir or self.dataset_json)
+
+
+@dataclass
+class RealData:
+    """Prepared real volumes and how to pair them."""
+
+    train: list[Volume]
+    atlas: Volume | None = None
+    train_pairs: list[tuple[int, int]] = field(default_factory=list)  # (moving, fixed) indices into train
+    val_pairs: list[tuple[Volume, Volume]] = field(default_factory=list)
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def _looks_like_labels(path: Path) -> bool:
+    """File names such as ``*_brainmask``, ``*_seg``, ``*_labels`` in an image folder are not training images."""
+    tokens = set(re.split(r"[_.\-]+", path.name.lower()))
+    return bool(tokens & LABEL_NAME_TOKENS)
+
+
+def subjects_from_folder(folder: str | os.PathLike, pattern: str = "*", labels_dir: str | None = None) -> list[Subject]:
+    """Images in ``folder`` matching ``pattern`` (label-like names skipped, e.g. ``*_mask``), sorted by name.
+
+    With ``labels_dir``, a file of the same name there is the image's label map.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"images folder {folder}: not found or not a folder")
+    candidates = sorted(p for p in folder.glob(pattern) if _is_image_file(p))
+    images = [p for p in candidates if not _looks_like_labels(p)]
+    skipped = [p.name for p in candidates if _looks_like_labels(p)]
+    if skipped:
+        log.info("skipped %d label-like files in %s: %s", len(skipped), folder, ", ".join(skipped))
+    if not images:
+        raise DataError(
+            f"images folder {folder}: no images matching {pattern!r} (suffixes {', '.join(IMAGE_SUFFIXES)})"
+        )
+    subjects = []
+    for path in images:
+        label = None
+        if labels_dir is not None:
+            label = Path(labels_dir) / path.name
+            if not label.is_file():
+                raise DataError(f"image {path}: no label map {label}")
+        subjects.append(Subject(path, label))
+    return subjects
+
+
+def _json_path(base: Path, value, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: expected a file path, got {value!r}")
+    path = Path(value)
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _json_subjects(entries, base: Path, where: str) -> list[Subject]:
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: expected a list of {{'image', 'label'}} entries")
+    out = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DataError(f"{where}[{i}]: expected an object with an 'image' path, got {entry!r}")
+        label = _json_path(base, entry["label"], f"{where}[{i}].label") if entry.get("label") else None
+        mask = _json_path(base, entry["mask"], f"{where}[{i}].mask") if entry.get("mask") else None
+        out.append(Subject(_json_path(base, entry["image"], f"{where}[{i}].image"), label, mask))
+    return out
+
+
+def _json_pairs(entries, base: Path, where: str) -> list[tuple[Path, Path]]:
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: expected a list of {{'moving', 'fixed'}} pairs")
+    pairs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "moving" not in entry or "fixed" not in entry:
+            raise DataError(f"{where}[{i}]: expected an object with 'moving' and 'fixed' paths, got {entry!r}")
+        pairs.append(
+            (_json_path(base, entry["moving"], f"{where}[{i}]"), _json_path(base, entry["fixed"], f"{where}[{i}]"))
+        )
+    return pairs
+
+
+@dataclass
+class JsonDataset:
+    """The subjects and pairs a Learn2Reg-style dataset JSON lists (paths resolved against the JSON)."""
+
+    training: list[Subject]
+    validation: list[Subject]
+    training_pairs: list[tuple[Path, Path]]
+    validation_pairs: list[tuple[Path, Path]]
+
+
+def read_dataset_json(path: str | os.PathLike) -> JsonDataset:
+    """Parse a dataset JSON: ``training`` (required), ``validation``, and the pair lists
+    ``training_paired_images`` and ``registration_val`` (Learn2Reg), each ``{"moving", "fixed"}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset JSON {path}: file not found")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"dataset JSON {path}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict) or not doc.get("training"):
+        raise DataError(f"dataset JSON {path}: no 'training' list of images")
+    base = path.parent.resolve()
+    dataset = JsonDataset(
+        training=_json_subjects(doc["training"], base, f"{path.name}: training"),
+        validation=_json_subjects(doc.get("validation") or [], base, f"{path.name}: validation"),
+        training_pairs=_json_pairs(doc.get("training_paired_images") or [], base, f"{path.name}: training pairs"),
+        validation_pairs=_json_pairs(doc.get("registration_val") or [], base, f"{path.name}: registration_val"),
+    )
+    _check_files_exist(dataset, path)
+    return dataset
+
+
+def _check_files_exist(dataset: JsonDataset, where: Path) -> None:
+    """Every file the JSON names must exist: list all the missing ones at once."""
+    paths = []
+    for subject in dataset.training + dataset.validation:
+        paths += [p for p in (subject.image, subject.label, subject.mask) if p is not None]
+    for moving, fixed in dataset.training_pairs + dataset.validation_pairs:
+        paths += [moving, fixed]
+    missing = sorted({str(p) for p in paths if not p.is_file()})
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise DataError(f"dataset JSON {where}: {len(missing)} listed file(s) not found:\n  {shown}")
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+
+
+@dataclass
+class Preparer:
+    """Prepare subjects onto one model grid (the template's), with an on-disk cache."""
+
+    template: Subject
+    spacing_mm: float
+    shape: Shape
+    align: str = "affine"
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.align not in ("affine", "none"):
+            raise DataError(f"align must be 'affine' or 'none', got {self.align!r}")
+        self._template_image: sitk.Image | None = None
+        self._reference: sitk.Image | None = None
+
+    @property
+    def template_image(self) -> sitk.Image:
+        if self._template_image is None:
+            self._template_image = read_image(self.template.image, "template image")
+        return self._template_image
+
+    @property
+    def reference(self) -> sitk.Image:
+        """The model grid: the template's, of size ``shape`` (array order; sitk's is reversed)."""
+        if self._reference is None:
+            size = tuple(int(n) for n in reversed(self.shape))
+            self._reference = model_reference(self.template_image, self.spacing_mm, size=size)
+        return self._reference
+
+    def key(self, subject: Subject) -> str:
+        """Cache key: the files' identity (path, size, mtime) and every setting that changes the result."""
+
+        def ident(path: Path | None):
+            if path is None:
+                return None
+            st = path.stat()
+            return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+        payload = {
+            "v": CACHE_VERSION,
+            "image": ident(subject.image),
+            "label": ident(subject.label),
+            "mask": ident(subject.mask),
+            "template": ident(self.template.image),
+            "spacing": float(self.spacing_mm),
+            "shape": list(self.shape),
+            "align": self.align,
+        }
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+    def prepare(self, subject: Subject) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read, check, normalise, align and resample one subject (no cache)."""
+        image = read_image(subject.image)
+        labels = read_labels(subject.label, reference=image) if subject.label else None
+        mask = read_labels(subject.mask, reference=image, what="mask") if subject.mask else None
+        normalised = normalize_intensity(image, mask)
+        transform = None
+        is_template = subject.image.resolve() == self.template.image.resolve()
+        if self.align == "affine" and not is_template:
+            transform = affine_initialisation(image, self.template_image)
+        arr = sitk.GetArrayFromImage(resample(normalised, self.reference, "linear", transform)).astype(np.float32)
+        lab = None
+        if labels is not None:
+            lab = sitk.GetArrayFromImage(resample(labels, self.reference, "nearest", transform)).astype(np.int32)
+        return arr, lab
+
+    def load(self, subject: Subject) -> Volume:
+        """The prepared subject, from the cache when it is there (memory-mapped)."""
+        if self.cache_dir is None:
+            arr, lab = self.prepare(subject)
+            return Volume(subject.name, arr, lab)
+        key = self.key(subject)
+        image_file = self.cache_dir / f"{subject.name}-{key}.image.npy"
+        label_file = self.cache_dir / f"{subject.name}-{key}.label.npy"
+        if not image_file.is_file():
+            arr, lab = self.prepare(subject)
+            if lab is not None:
+                _save_npy(label_file, lab)
+            _save_npy(image_file, arr)  # last: its presence marks a complete entry
+        labels = np.load(label_file, mmap_mode="r") if subject.label is not None else None
+        return Volume(subject.name, np.load(image_file, mmap_mode="r"), labels)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+
+    atomic_write(path, write)
+
+
+def prepare_all(
+    preparer: Preparer, subjects: Sequence[Subject], workers: int = 2, shard: tuple[int, int] = (0, 1)
+) -> list[Volume]:
+    """Prepare every subject (in threads), raising the first DataError with the file it concerns.
+
+    With ``shard = (rank, world)`` only every world-th subject is prepared here (to fill a shared cache).
+    """
+    rank, world = shard
+    todo = [s for i, s in enumerate(subjects) if i % world == rank]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [pool.submit(_load_checked, preparer, s) for s in todo]
+        return [f.result() for f in futures]
+
+
+def _load_checked(preparer: Preparer, subject: Subject) -> Volume:
+    try:
+        return preparer.load(subject)
+    except DataError:
+        raise
+    except InputError as err:
+        raise DataError(str(err)) from None
+    except (RuntimeError, OSError) as err:
+        raise DataError(f"image {subject.image}: preparation failed ({err})") from err
+
+
+def remap_labels(volumes: Sequence[Volume]) -> list[int]:
+    """Map every label map to contiguous ids 0..L-1 (0 stays background); returns the original values."""
+    values = sorted({int(v) for vol in volumes if vol.labels is not None for v in np.unique(vol.labels)} | {0})
+    for vol in volumes:
+        if vol.labels is not None:
+            flat = np.searchsorted(values, np.asarray(vol.labels))
+            vol.labels = flat.astype(np.int16 if len(values) < 32768 else np.int32)
+    return values
+
+
+def load_real_data(spec: DatasetSpec, shard: tuple[int, int] = (0, 1), barrier: Callable[[], None] | None = None):
+    """Discover, check and prepare the real data of ``spec``: a ``RealData``, or None without real data.
+
+    In a distributed run every rank prepares its shard into the shared cache, waits at ``barrier``, then
+    loads everything from the cache.
+    """
+    if not spec.has_real:
+        if spec.atlas:
+            raise DataError("an atlas needs moving images: give --images-dir or --dataset-json")
+        return None
+    if spec.images_dir and spec.dataset_json:
+        raise DataError("give either --images-dir or --dataset-json, not both")
+    if spec.dataset_json:
+        dataset = read_dataset_json(spec.dataset_json)
+        description = f"dataset JSON {Path(spec.dataset_json).resolve()}"
+    else:
+        subjects = subjects_from_folder(spec.images_dir, spec.images_glob, spec.labels_dir)
+        dataset = JsonDataset(subjects, [], [], [])
+        description = f"images folder {Path(spec.images_dir).resolve()} ({spec.images_glob})"
+    atlas = None
+    if spec.atlas:
+        atlas = Subject(Path(spec.atlas), Path(spec.atlas_labels) if spec.atlas_labels else None)
+    train_subjects, val_pairs = _split(dataset)
+    template = atlas or (Subject(Path(spec.template)) if spec.template else train_subjects[0])
+    cache = Path(spec.cache_dir) if spec.cache_dir else None
+    preparer = Preparer(template, spec.spacing_mm, tuple(spec.shape), spec.align, cache)
+    everything = _unique(train_subjects + [s for pair in val_pairs for s in pair] + ([atlas] if atlas else []))
+    if cache is not None and shard[1] > 1:
+        prepare_all(preparer, everything, spec.workers, shard)
+        if barrier is not None:
+            barrier()
+    volumes = {str(s.image): v for s, v in zip(everything, prepare_all(preparer, everything, spec.workers))}
+    remap_labels(list(volumes.values()))
+    train = [volumes[str(s.image)] for s in train_subjects]
+    index = {str(s.image): i for i, s in enumerate(train_subjects)}
+    train_pairs = []
+    for moving, fixed in dataset.training_pairs:
+        if str(moving) not in index or str(fixed) not in index:
+            raise DataError(f"training pair ({moving}, {fixed}): both images must be in the 'training' list")
+        train_pairs.append((index[str(moving)], index[str(fixed)]))
+    description += f", {len(train)} training images"
+    if atlas:
+        description += f", atlas {atlas.image.resolve()}"
+    log.info("real data: %s, %d validation pairs", description, len(val_pairs))
+    return RealData(
+        train=train,
+        atlas=volumes[str(atlas.image)] if atlas else None,
+        train_pairs=train_pairs,
+        val_pairs=[(volumes[str(m.image)], volumes[str(f.image)]) for m, f in val_pairs],
+        description=description,
+    )
+
+
+def _unique(subjects: Sequence[Subject]) -> list[Subject]:
+    seen, out = set(), []
+    for s in subjects:
+        if str(s.image) not in seen:
+            seen.add(str(s.image))
+            out.append(s)
+    return out
+
+
+def _split(dataset: JsonDataset) -> tuple[list[Subject], list[tuple[Subject, Subject]]]:
+    """Training subjects (validation images excluded) and labelled validation pairs."""
+    known = {str(s.image): s for s in dataset.training + dataset.validation}
+    val_pairs = []
+    for moving, fixed in dataset.validation_pairs:
+        m = known.get(str(moving), Subject(moving))
+        f = known.get(str(fixed), Subject(fixed))
+        val_pairs.append((m, f))
+    if not val_pairs and len(dataset.validation) >= 2:
+        val = dataset.validation
+        val_pairs = [(val[i], val[i + 1]) for i in range(len(val) - 1)]
+    val_images = {str(s.image) for pair in val_pairs for s in pair}
+    train = [s for s in dataset.training if str(s.image) not in val_images]
+    if not train:
+        raise DataError("no training images left once the validation images are set aside")
+    val_pairs = [(m, f) for m, f in val_pairs if m.label is not None and f.label is not None]
+    return train, val_pairs
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def _randint(gen: torch.Generator, n: int) -> int:
+    return int(torch.randint(n, (1,), generator=gen, device=gen.device).item())
+
+
+def _rand(gen: torch.Generator) -> float:
+    return float(torch.rand((), generator=gen, device=gen.device).item())
+
+
+class RealPairSource:
+    """Augmented real pairs: an atlas as fixed, explicit pairs, or random pairs (possibly the same subject)."""
+
+    def __init__(
+        self,
+        data: RealData,
+        p_same: float = 0.2,
+        augment: bool = True,
+        augment_cfg: synth.AugmentConfig | None = None,
+    ) -> None:
+        self.data = data
+        self.p_same = p_same
+        self.augment = augment
+        self.augment_cfg = augment_cfg or synth.AugmentConfig()
+
+    @property
+    def shape(self) -> Shape:
+        return tuple(self.data.train[0].image.shape)
+
+    def _pick(self, gen: torch.Generator) -> tuple[Volume, Volume]:
+        train = self.data.train
+        if self.data.atlas is not None:
+            return train[_randint(gen, len(train))], self.data.atlas
+        if self.data.train_pairs:
+            m, f = self.data.train_pairs[_randint(gen, len(self.data.train_pairs))]
+            return train[m], train[f]
+        a = _randint(gen, len(train))
+        if len(train) == 1 or _rand(gen) < self.p_same:
+            return train[a], train[a]
+        b = (a + 1 + _randint(gen, len(train) - 1)) % len(train)
+        return train[a], train[b]
+
+    def _view(self, gen: torch.Generator, vol: Volume, spatial_aug: bool):
+        image, labels = vol.tensors()
+        if not self.augment:
+            return image.to(gen.device), None if labels is None else labels.to(gen.device)
+        return synth.augment(gen, image, labels, self.augment_cfg, spatial_aug=spatial_aug)
+
+    def sample(self, gen: torch.Generator, batch: int = 1) -> synth.Pair:
+        pairs = []
+        for _ in range(batch):
+            moving, fixed = self._pick(gen)
+            m, ml = self._view(gen, moving, True)
+            f, fl = self._view(gen, fixed, self.data.atlas is None)  # the atlas stays in place
+            pairs.append((m, f, ml, fl))
+        return _stack(pairs)
+
+
+class SynthPairSource:
+    """On-the-fly synthetic pairs of a fixed grid shape."""
+
+    def __init__(self, shape: Shape, cfg: synth.SynthConfig | None = None) -> None:
+        self.shape = tuple(shape)
+        self.cfg = cfg or synth.SynthConfig()
+
+    def sample(self, gen: torch.Generator, batch: int = 1) -> synth.Pair:
+        return synth.synth_pair(gen, self.shape, batch, self.cfg)
+
+
+class MixedSource:
+    """Synthetic pairs with probability ``p_synth``, real ones otherwise; remembers which it drew last."""
+
+    def __init__(self, real: RealPairSource | None, synthetic: SynthPairSource | None, p_synth: float) -> None:
+        if real is None and synthetic is None:
+            raise DataError("no training data: give --images-dir, --dataset-json and/or --synthetic")
+        self.real, self.synthetic = real, synthetic
+        self.p_synth = 1.0 if real is None else (0.0 if synthetic is None else float(p_synth))
+        self.last = ""
+
+    def sample(self, gen: torch.Generator, batch: int = 1) -> synth.Pair:
+        use_synth = self.p_synth >= 1.0 or (self.p_synth > 0.0 and _rand(gen) < self.p_synth)
+        self.last = "synthetic" if use_synth else "real"
+        return (self.synthetic if use_synth else self.real).sample(gen, batch)
+
+
+def _stack(items) -> synth.Pair:
+    def cat(i):
+        parts = [it[i] for it in items]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    return synth.Pair(cat(0), cat(1), cat(2), cat(3))
+
+
+def validation_pairs(
+    real: RealData | None, shape: Shape, count_synth: int, seed: int, device: torch.device | str = "cpu"
+) -> list[tuple[str, synth.Pair]]:
+    """Fixed labelled pairs to validate on: the real ones listed, plus ``count_synth`` synthetic pairs."""
+    out = []
+    if real is not None:
+        for moving, fixed in real.val_pairs:
+            m, ml = moving.tensors()
+            f, fl = fixed.tensors()
+            out.append((f"{moving.name}->{fixed.name}", synth.Pair(m, f, ml, fl).to(device)))
+    gen = synth.make_generator(seed, device)
+    for i in range(count_synth):
+        out.append((f"synthetic-{i}", synth.synth_pair(gen, shape, 1)))
+    return out
+
+
+__all__ = [
+    "DataError",
+    "DatasetSpec",
+    "MixedSource",
+    "RealData",
+    "RealPairSource",
+    "Subject",
+    "SynthPairSource",
+    "Volume",
+    "load_real_data",
+    "read_dataset_json",
+    "subjects_from_folder",
+    "validation_pairs",
+]

@@ -1,0 +1,821 @@
+"""Training of DTN-family models: unsupervised (paper) loss on real and/or synthetic pairs, resumable exactly.
+
+Loss (paper, Eq. 2): ``sim(warp(moving, exp(v)), fixed) + alpha * ||grad v||^2`` with ``sim`` = L1 by default,
+Adam(lr 1e-4, betas (0.5, 0.999)), batch 1; optionally ``+ dice_weight * soft Dice`` on labelled pairs.
+Alpha-conditioned models see a log-uniform alpha from ``alpha_range`` each step.
+
+Checkpoints (``output_dir``): ``last.state.pt`` holds everything a resume needs (model and optimizer
+tensors, step, every RNG state, configurations; loadable with ``torch.load(weights_only=True)``) and is
+the authority; ``last.safetensors`` is the same model as plain weights; ``model.safetensors`` the final
+weights. Each file is written atomically, so killing the process never damages the last good one.
+
+Distributed: run under ``torchrun``; with ``WORLD_SIZE > 1`` the model is wrapped in
+DistributedDataParallel (NCCL on CUDA, Gloo on CPU), each rank samples pairs from its own seed, and only
+rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import data as data_mod
+from . import losses, metrics, spatial, synth
+from .models import ModelError, atomic_write, read_weights, save_weights
+from .network import DTN, DTNConfig, build_model
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "last.state.pt"
+LAST_WEIGHTS = "last.safetensors"
+BEST_WEIGHTS = "best.safetensors"
+FINAL_WEIGHTS = "model.safetensors"
+LOG_FILE = "train_log.csv"
+CONFIG_FILE = "train_config.json"
+STATE_FORMAT = 1
+# DTNConfig fields that do not change the parameters (may differ between a checkpoint and a run).
+NON_ARCHITECTURE_KEYS = ("alpha", "alpha_range", "integration_steps")
+LOG_COLUMNS = (
+    "step",
+    "time_s",
+    "source",
+    "alpha",
+    "loss",
+    "similarity",
+    "smoothness",
+    "dice_loss",
+    "lr",
+    "val_dice",
+    "val_folding_percent",
+    "val_sd_log_jacobian",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved with its checkpoints)."""
+
+    output_dir: str = "dtn-training"
+    # data
+    synthetic: bool = False
+    synth_fraction: float = 0.5  # share of synthetic pairs when mixing with real images
+    synth_labels: int = 16
+    synth_contrast: str = "shared"
+    images_dir: str | None = None
+    images_glob: str = "*"
+    labels_dir: str | None = None
+    dataset_json: str | None = None
+    atlas: str | None = None
+    atlas_labels: str | None = None
+    template: str | None = None
+    spacing_mm: float = 2.0
+    shape: tuple[int, int, int] = (96, 112, 96)  # model grid, array order (D, H, W)
+    align: str = "affine"
+    cache_dir: str | None = None  # default: <output_dir>/cache
+    augment: bool = True
+    p_same: float = 0.2
+    workers: int = 2
+    # model
+    variant: str = "dtn"
+    alpha_conditioned: bool = True
+    alpha: float = 0.1
+    alpha_range: tuple[float, float] = (0.01, 1.0)
+    init: str | None = None
+    model_options: dict = field(default_factory=dict)  # other DTNConfig settings (widths, heads, layers)
+    # loss and optimiser
+    similarity: str = "l1"
+    dice_weight: float = 0.0
+    dice_real: bool = False  # also use real label maps in the Dice term
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    batch_size: int = 1
+    grad_clip: float = 0.0  # 0 = off
+    # run
+    max_steps: int = 102400  # the paper's iterations
+    max_minutes: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    threads: int | None = None
+    val_every: int = 500
+    val_synthetic: int = 4
+    checkpoint_every: int = 500
+    log_every: int = 10
+    resume: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(n) for n in self.shape)
+        self.alpha_range = tuple(float(a) for a in self.alpha_range)
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.shape) != 3 or any(n <= 0 or n % 16 for n in self.shape):
+            raise ValueError(f"shape must be 3 sizes, each a multiple of 16, got {self.shape}")
+        if self.similarity not in losses.SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {sorted(losses.SIMILARITIES)}")
+        if not (0 < self.alpha_range[0] <= self.alpha_range[1]):
+            raise ValueError(f"alpha range must be 0 < low <= high, got {self.alpha_range}")
+        reserved = {"variant", "alpha_conditioned", "alpha", "alpha_range"} & set(self.model_options)
+        if reserved:
+            raise ValueError(f"set {sorted(reserved)} with their own options, not in model options")
+        if self.batch_size < 1 or self.max_steps < 0 or self.spacing_mm <= 0:
+            raise ValueError("batch size must be >= 1, max steps >= 0 and spacing > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def model_config(self) -> DTNConfig:
+        return DTNConfig(
+            **self.model_options,
+            variant=self.variant,
+            alpha_conditioned=self.alpha_conditioned,
+            alpha=self.alpha,
+            alpha_range=self.alpha_range,
+        )
+
+    def dataset_spec(self) -> data_mod.DatasetSpec:
+        cache = self.cache_dir or str(Path(self.output_dir) / "cache")
+        return data_mod.DatasetSpec(
+            images_dir=self.images_dir,
+            images_glob=self.images_glob,
+            labels_dir=self.labels_dir,
+            dataset_json=self.dataset_json,
+            atlas=self.atlas,
+            atlas_labels=self.atlas_labels,
+            template=self.template,
+            spacing_mm=self.spacing_mm,
+            shape=self.shape,
+            align=self.align,
+            cache_dir=cache,
+            workers=self.workers,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE > 1) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if world > 1 or dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def _any_rank(d: Dist, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (to stop together)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------- RNG state
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """Every random state the run depends on, as tensors and plain values (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_plain(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_to_plain, np_state[2:])],
+        "torch": torch.get_rng_state(),
+        "data": gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    """Restore what ``rng_state`` saved."""
+    random.setstate(_to_tuple(state["python"]))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(value):
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _to_tuple(value):
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def architecture(cfg: DTNConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in NON_ARCHITECTURE_KEYS}
+
+
+def check_architecture(found: DTNConfig | dict, expected: DTNConfig, what: str) -> None:
+    """Refuse weights of another architecture, naming the settings that differ."""
+    found = found if isinstance(found, DTNConfig) else DTNConfig.from_dict(found)
+    a, b = architecture(found), architecture(expected)
+    diff = {k: (a[k], b[k]) for k in a if _norm(a[k]) != _norm(b[k])}
+    if diff:
+        details = ", ".join(f"{k}: {x!r} there vs {y!r} here" for k, (x, y) in diff.items())
+        raise ModelError(f"{what} is of another architecture ({details}); it cannot be used for this model")
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """A training state file, loaded weights-only; a damaged or foreign file raises ModelError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise ModelError(f"no training state to resume: {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise ModelError(f"{path}: not a readable training state (damaged or truncated?): {err}") from err
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "model" not in state:
+        raise ModelError(f"{path}: not a DTNRegistration training state")
+    return state
+
+
+def weights_info(cfg: TrainConfig, step: int, description: str) -> dict:
+    """What goes with the weights (inference reads ``spacing_mm``)."""
+    return {
+        "spacing_mm": cfg.spacing_mm,
+        "step": step,
+        "training_data": description,
+        "similarity": cfg.similarity,
+        "alpha_range": list(cfg.alpha_range) if cfg.alpha_conditioned else None,
+        "alpha": cfg.alpha,
+        "shape": list(cfg.shape),
+        "seed": cfg.seed,
+        "dice_weight": cfg.dice_weight,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3).float()
+
+
+def sample_alpha(cfg: TrainConfig, gen: torch.Generator) -> float:
+    """Log-uniform over the alpha range for conditioned models, the fixed alpha otherwise."""
+    if not cfg.alpha_conditioned:
+        return cfg.alpha
+    lo, hi = (math.log(a) for a in cfg.alpha_range)
+    return float(math.exp(lo + (hi - lo) * torch.rand((), generator=gen, device=gen.device).item()))
+
+
+def compute_loss(model, core: DTN, pair: synth.Pair, alpha: float, cfg: TrainConfig, use_dice: bool, amp: bool):
+    """The training loss of one batch and its parts (floats)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    with autocast:
+        v = model(pair.moving, pair.fixed, alpha)
+    v = v.float()
+    u = core.displacement(v, tuple(pair.fixed.shape[2:]))
+    warped = spatial.warp(pair.moving, u)
+    sim = losses.similarity(cfg.similarity)(warped, pair.fixed)
+    smooth = losses.gradient_smoothness(v)
+    loss = sim + alpha * smooth
+    parts = {"similarity": sim.item(), "smoothness": smooth.item(), "dice_loss": ""}
+    if use_dice and cfg.dice_weight > 0 and pair.moving_labels is not None and pair.fixed_labels is not None:
+        classes = int(max(pair.moving_labels.max().item(), pair.fixed_labels.max().item())) + 1
+        dl = losses.dice_loss(
+            spatial.warp(one_hot(pair.moving_labels, classes), u), one_hot(pair.fixed_labels, classes)
+        )
+        loss = loss + cfg.dice_weight * dl
+        parts["dice_loss"] = dl.item()
+    return loss, parts
+
+
+@torch.no_grad()
+def validate(core: DTN, pairs: list, alpha: float, amp: bool) -> dict:
+    """Mean Dice (warped moving labels vs fixed labels), folding % and SDlogJ over the validation pairs."""
+    dices, folds, sdlj = [], [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    for _, pair in pairs:
+        with autocast:
+            v = core(pair.moving, pair.fixed, alpha)
+        u = core.displacement(v.float(), tuple(pair.fixed.shape[2:]))
+        jac = metrics.jacobian_determinant(u[0].cpu().numpy())
+        folds.append(metrics.folding(jac)[1])
+        sdlj.append(metrics.sd_log_jacobian(jac))
+        if pair.moving_labels is not None and pair.fixed_labels is not None:
+            warped = spatial.warp(pair.moving_labels, u, mode="nearest")
+            dices.append(metrics.mean_dice(warped.cpu().numpy(), pair.fixed_labels.cpu().numpy()))
+    return {"val_dice": _mean(dices), "val_folding_percent": _mean(folds), "val_sd_log_jacobian": _mean(sdlj)}
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """CSV log (and TensorBoard when it is installed), written by rank 0 only."""
+
+    def __init__(self, out: Path, resume_step: int | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / LOG_FILE
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is None or not self.path.is_file():
+            self.path.write_text(",".join(LOG_COLUMNS) + "\n")
+        else:
+            self._truncate(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self.tb = None
+
+    def _truncate(self, step: int) -> None:
+        """Drop rows logged after the checkpoint being resumed (the resumed run logs them again)."""
+        with open(self.path, newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+        text = ",".join(LOG_COLUMNS) + "\n" + "".join(",".join(r.get(c, "") for c in LOG_COLUMNS) + "\n" for r in rows)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        values = [_fmt(row.get(c, "")) for c in LOG_COLUMNS]
+        with open(self.path, "a") as handle:
+            handle.write(",".join(values) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, float) and key not in ("time_s",):
+                    self.tb.add_scalar(key, value, int(row["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(value) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a training CSV log (for tests and plots)."""
+    with open(Path(path) / LOG_FILE if Path(path).is_dir() else path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT so the run checkpoints and ends cleanly (e.g. a cluster's preemption)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:  # a second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping after this step and saving a checkpoint", signum)
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """One training run; ``run()`` returns the final weights' path."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.dist = setup_distributed(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = self.dist.device
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self._seed_all()
+        self.state = load_state(cfg.resume) if cfg.resume else None
+        if self.state is not None:  # before the (possibly long) data preparation
+            check_architecture(json.loads(self.state["dtn_config"]), cfg.model_config(), f"checkpoint {cfg.resume}")
+        self.sources, self.val_pairs, self.description = self._build_data()
+        self.core = self._build_model()
+        self.model = self._wrap(self.core)
+        self.optimizer = torch.optim.Adam(self.core.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.step = 0
+        self.best_dice = -1.0
+        self.elapsed_before = 0.0
+        if self.state is not None:
+            self._restore(self.state)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
+        self.log = RunLog(self.out, self.step if self.state is not None else None, self.dist.main)
+
+    def _seed_all(self) -> None:
+        """Same model initialisation on every rank; each rank its own data stream."""
+        random.seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed % 2**32)
+        torch.manual_seed(self.cfg.seed)
+        self.gen = synth.make_generator(self.cfg.seed * 1000003 + self.dist.rank, self.device)
+
+    def _build_data(self):
+        cfg = self.cfg
+        real = data_mod.load_real_data(cfg.dataset_spec(), (self.dist.rank, self.dist.world), self.dist.barrier)
+        real_source = data_mod.RealPairSource(real, cfg.p_same, cfg.augment) if real is not None else None
+        shape = real_source.shape if real_source is not None else cfg.shape
+        synth_cfg = synth.SynthConfig(num_labels=cfg.synth_labels, contrast=cfg.synth_contrast)
+        synth_source = data_mod.SynthPairSource(shape, synth_cfg) if cfg.synthetic else None
+        source = data_mod.MixedSource(real_source, synth_source, cfg.synth_fraction)
+        val = []
+        if self.dist.main and cfg.val_every > 0:
+            val = data_mod.validation_pairs(real, shape, cfg.val_synthetic, seed=12345, device=self.device)
+        parts = [real.description] if real is not None else []
+        if synth_source is not None:
+            parts.append(f"synthetic pairs ({cfg.synth_labels} labels, {cfg.synth_contrast} contrast)")
+        if real is not None and synth_source is not None:
+            parts.append(f"synthetic fraction {cfg.synth_fraction}")
+        return source, val, "; ".join(parts)
+
+    def _build_model(self) -> DTN:
+        model = build_model(self.cfg.model_config())
+        if self.cfg.init and self.state is None:
+            tensors, config, _, _ = read_weights(self.cfg.init)
+            check_architecture(config, model.cfg, f"initial weights {self.cfg.init}")
+            model.load_state_dict(tensors, strict=True)
+            log.info("initialised from %s", self.cfg.init)
+        return model.to(self.device)
+
+    def _wrap(self, core: DTN):
+        if not self.dist.enabled:
+            return core
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
+
+    def _restore(self, state: dict) -> None:
+        if state["world_size"] != self.dist.world:
+            raise ModelError(
+                f"checkpoint {self.cfg.resume} was written by {state['world_size']} process(es); "
+                f"resume it with the same number (got {self.dist.world})"
+            )
+        self.core.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.best_dice = float(state.get("best_dice", -1.0))
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        set_rng_state(state["rng"][self.dist.rank], self.gen)
+        log.info("resumed from %s at step %d", self.cfg.resume, self.step)
+
+    # -- one step
+
+    def train_step(self) -> dict:
+        pair = self.sources.sample(self.gen, self.cfg.batch_size).to(self.device)
+        source = self.sources.last
+        alpha = sample_alpha(self.cfg, self.gen)
+        use_dice = source == "synthetic" or self.cfg.dice_real
+        loss, parts = compute_loss(self.model, self.core, pair, alpha, self.cfg, use_dice, self.amp)
+        if _any_rank(self.dist, not bool(torch.isfinite(loss))):  # every rank stops, none waits forever
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; lower --lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        row = {"step": self.step, "source": source, "alpha": alpha, "loss": loss.item(), **parts}
+        return self._mean_over_ranks(row)
+
+    def _mean_over_ranks(self, row: dict) -> dict:
+        """Log the loss averaged over ranks (each rank saw a different pair)."""
+        if not self.dist.enabled:
+            return row
+        keys = [k for k in ("loss", "similarity", "smoothness") if isinstance(row.get(k), float)]
+        t = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return row | {k: float(v) / self.dist.world for k, v in zip(keys, t.tolist())}
+
+    # -- checkpoints
+
+    def save_checkpoint(self, elapsed: float) -> None:
+        """All ranks gather their RNG states; rank 0 writes the state, then the plain weights."""
+        rng = rng_state(self.gen)
+        states = [None] * self.dist.world
+        if self.dist.enabled:
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        if not self.dist.main:
+            return
+        state = {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "model": {k: v.detach().cpu().clone() for k, v in self.core.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "dtn_config": json.dumps(self.core.cfg.to_dict()),
+            "train_config": json.dumps(self.cfg.to_dict()),
+            "rng": states,
+            "world_size": self.dist.world,
+            "best_dice": self.best_dice,
+            "elapsed_s": elapsed,
+        }
+        atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        save_weights(self.core, self.out / LAST_WEIGHTS, weights_info(self.cfg, self.step, self.description))
+
+    def run_validation(self, elapsed: float) -> dict:
+        if not self.dist.main or not self.val_pairs:
+            return {}
+        result = validate(self.core, self.val_pairs, self.cfg.alpha, self.amp)
+        if not math.isnan(result["val_dice"]) and result["val_dice"] > self.best_dice:
+            self.best_dice = result["val_dice"]
+            info = weights_info(self.cfg, self.step, self.description) | {"val": result}
+            save_weights(self.core, self.out / BEST_WEIGHTS, info)
+        self.log.write({"step": self.step, "time_s": elapsed, "source": "validation", **result})
+        log.info("step %d validation: %s", self.step, result)
+        return result
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        start = time.monotonic()
+        deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
+        bar = self._progress_bar()
+        last_saved = self.step
+        with _StopFlag() as stop:
+            while self.step < cfg.max_steps:
+                row = self.train_step()
+                elapsed = self.elapsed_before + time.monotonic() - start
+                if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
+                    self.log.write({**row, "time_s": elapsed, "lr": cfg.lr})
+                if bar is not None:
+                    self._show(bar, row, deadline)
+                if cfg.val_every > 0 and self.step % cfg.val_every == 0:
+                    self.run_validation(elapsed)
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                if _any_rank(self.dist, stop.set or timed_out):
+                    log.info("stopping at step %d (%s)", self.step, "time limit" if timed_out else "signal")
+                    break
+                if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(elapsed)
+                    last_saved = self.step
+        elapsed = self.elapsed_before + time.monotonic() - start
+        if self.step != last_saved:  # the same decision on every rank (all of them take part)
+            self.save_checkpoint(elapsed)
+        if bar is not None:
+            bar.close()
+        final = self.out / FINAL_WEIGHTS
+        if self.dist.main:
+            save_weights(self.core, final, weights_info(self.cfg, self.step, self.description))
+            log.info("final weights: %s (step %d, %.1f min)", final, self.step, elapsed / 60)
+        self.log.close()
+        self.dist.barrier()
+        return final
+
+    @staticmethod
+    def _show(bar, row: dict, deadline: float | None) -> None:
+        """Loss and source; with a time limit, the minutes left too (the bar's ETA counts max steps)."""
+        extra = {}
+        if deadline is not None:
+            extra["min_left"] = f"{max(0.0, deadline - time.monotonic()) / 60:.1f}"
+        bar.set_postfix(loss=f"{row['loss']:.4f}", src=row["source"][:4], **extra, refresh=False)
+        bar.update(1)
+
+    def _progress_bar(self):
+        if not (self.cfg.progress and self.dist.main):
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) a model as ``cfg`` says; returns the path of the final weights."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+    dest = name.replace("-", "_")
+    default = getattr(TrainConfig, dest)
+    parser.add_argument(
+        f"--{name}",
+        dest=dest,
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help=f"{help_text} (default: {'on' if default else 'off'})",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dtnreg train``; each left out keeps its TrainConfig default (or the resumed run's)."""
+    d = TrainConfig()
+    g = parser.add_argument_group("output and run")
+    _opt = _group_opt(g, d)
+    _opt("output-dir", "folder for checkpoints, logs and the final model.safetensors", metavar="DIR")
+    _opt("resume", "continue the run whose checkpoint is in DIR exactly (its settings are reused)", metavar="DIR")
+    _opt("max-steps", "number of optimiser steps", type=int)
+    _opt("max-minutes", "stop (and save) after this many minutes", type=float)
+    _opt("seed", "random seed (model initialisation and data)", type=int)
+    _opt("device", "auto, cpu, cuda or cuda:N", metavar="DEV")
+    _opt("threads", "CPU threads for torch", type=int)
+    _opt("checkpoint-every", "steps between checkpoints", type=int)
+    _opt("val-every", "steps between validations (0 = never)", type=int)
+    _opt("val-synthetic", "number of synthetic validation pairs", type=int)
+    _opt("log-every", "steps between CSV log rows", type=int)
+    _flag(g, "amp", "bf16 mixed precision on CUDA")
+    _flag(g, "progress", "progress bar")
+
+    g = parser.add_argument_group("data")
+    _opt = _group_opt(g, d)
+    _flag(g, "synthetic", "train on synthetic pairs (mixed with real images if those are given)")
+    _opt("synth-fraction", "share of synthetic pairs when mixing with real images", type=float)
+    _opt("synth-labels", "labels per synthetic label map", type=int)
+    _opt(
+        "synth-contrast",
+        "shared or independent label intensities in a synthetic pair",
+        choices=["shared", "independent"],
+    )
+    _opt("images-dir", "folder of training images (random pairs, or moving images with --atlas)", metavar="DIR")
+    _opt("images-glob", "file name pattern in --images-dir", metavar="GLOB")
+    _opt("labels-dir", "folder of label maps named like the images", metavar="DIR")
+    _opt("dataset-json", "Learn2Reg/OASIS dataset JSON", metavar="FILE")
+    _opt("atlas", "fixed atlas image (atlas-based training)", metavar="FILE")
+    _opt("atlas-labels", "the atlas's label map", metavar="FILE")
+    _opt("template", "image whose grid the real images are aligned to (default: atlas or first image)", metavar="FILE")
+    _opt("spacing-mm", "isotropic spacing of the model grid", type=float)
+    _opt("shape", "model grid size D H W (array order, multiples of 16)", type=int, nargs=3, metavar="N")
+    _opt("align", "affine alignment of real images to the template", choices=["affine", "none"])
+    _opt("cache-dir", "folder for preprocessed volumes (default: OUTPUT_DIR/cache)", metavar="DIR")
+    _opt("p-same", "probability of a real pair from one subject (two augmentations)", type=float)
+    _opt("workers", "threads preparing images", type=int)
+    _flag(g, "augment", "affine + elastic + intensity augmentation of real images")
+
+    g = parser.add_argument_group("model and loss")
+    _opt = _group_opt(g, d)
+    _opt("variant", "architecture", choices=["dtn", "dtn_s", "dtn_c", "none"])
+    _flag(g, "alpha-conditioned", "one model for all alphas (alpha sampled log-uniformly each step)")
+    _opt("alpha", "smoothness weight (fixed, or the default of a conditioned model)", type=float)
+    _opt("alpha-range", "alpha range of a conditioned model", type=float, nargs=2, metavar="A")
+    _opt("init", "weights to fine-tune (same architecture)", metavar="WEIGHTS")
+    _opt(
+        "model-options",
+        'other architecture settings as JSON, e.g. \'{"q_s": 64, "heads": 4}\'',
+        type=_json_dict,
+        metavar="JSON",
+    )
+    _opt("similarity", "similarity term", choices=sorted(losses.SIMILARITIES))
+    _opt("dice-weight", "weight of the soft Dice term on labelled (synthetic) pairs", type=float)
+    _flag(g, "dice-real", "also use real label maps in the Dice term")
+    _opt("lr", "Adam learning rate", type=float)
+    _opt("betas", "Adam betas", type=float, nargs=2, metavar="B")
+    _opt("batch-size", "pairs per step", type=int)
+    _opt("grad-clip", "gradient norm clipping (0 = off)", type=float)
+
+
+def _group_opt(group, defaults: TrainConfig):
+    def opt(name: str, help_text: str, **kw) -> None:
+        dest = name.replace("-", "_")
+        if "metavar" not in kw and "choices" not in kw and kw.get("type") in (int, float):
+            kw["metavar"] = "N" if kw["type"] is int else "X"
+        if "default:" not in help_text:
+            help_text = f"{help_text} (default: {getattr(defaults, dest)})"
+        group.add_argument(
+            f"--{name}",
+            dest=dest,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            **kw,
+        )
+
+    return opt
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration: the options given, over the resumed run's settings or the defaults."""
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    if given.get("resume"):
+        state = load_state(given["resume"])
+        base = json.loads(state["train_config"])
+        base.setdefault("output_dir", given["resume"])
+        base["output_dir"] = given.get("output_dir", given["resume"])
+        base.pop("init", None)
+        return TrainConfig.from_dict(base | given)
+    if "output_dir" not in given:
+        raise ValueError("give --output-dir (or --resume DIR)")
+    return TrainConfig.from_dict(given)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dtnreg train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dtnreg train``: returns the exit status (2 for bad input, with the reason on stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = config_from_args(args)
+        final = train(cfg)
+    except (ValueError, FloatingPointError) as err:  # InputError, DataError and ModelError are ValueErrors
+        print(f"dtnreg train: error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(final)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(parse_args()))

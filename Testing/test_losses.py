@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from DTNRegistrationLib import losses
+
+
+def test_l1_and_mse_by_hand_and_with_a_mask():
+    a, b = torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2)
+    b[0, 0, 0, 0, 0] = 2.0
+    assert float(losses.l1(a, b)) == pytest.approx(2.0 / 8)
+    assert float(losses.mse(a, b)) == pytest.approx(4.0 / 8)
+    mask = torch.zeros_like(a)
+    mask[0, 0, 1] = 1
+    assert float(losses.l1(a, b, mask)) == 0.0
+
+
+def test_local_ncc_is_zero_for_identical_and_invariant_to_linear_intensity_change():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert float(losses.local_ncc(x, x)) < 1e-2
+    assert float(losses.local_ncc(3 * x + 5, x)) < 1e-2
+    assert float(losses.local_ncc(torch.rand(1, 1, 16, 16, 16), x)) > 0.8
+
+
+def test_local_ncc_box_filter_equals_a_dense_convolution():
+    torch.manual_seed(1)
+    x = torch.rand(2, 1, 12, 13, 14)
+    dense = F.conv3d(x, torch.ones(1, 1, 5, 5, 5) / 125)  # valid windows only
+    assert torch.allclose(losses._box_mean(x, 5)[..., 2:-2, 2:-2, 2:-2], dense, atol=1e-6)
+    # at a corner the window is truncated: the mean of the 3x3x3 voxels that exist
+    assert torch.allclose(losses._box_mean(x, 5)[..., 0, 0, 0], x[..., :3, :3, :3].mean((-3, -2, -1)), atol=1e-6)
+    with pytest.raises(ValueError, match="odd"):
+        losses.local_ncc(x, x, window=4)
+
+
+def test_gradient_smoothness_of_a_linear_field():
+    ramp = torch.arange(10.0).view(1, 1, 10, 1, 1).expand(1, 3, 10, 10, 10) * 0.5
+    # only the derivative along axis 0 is non-zero: 0.5^2, averaged over the 3 axes
+    assert float(losses.gradient_smoothness(ramp)) == pytest.approx(0.25 / 3)
+    assert float(losses.gradient_smoothness(torch.ones(1, 3, 5, 5, 5))) == 0.0
+
+
+def test_dice_loss():
+    onehot = F.one_hot(torch.randint(0, 3, (1, 8, 8, 8)), 3).permute(0, 4, 1, 2, 3).float()
+    assert float(losses.dice_loss(onehot, onehot)) == pytest.approx(0.0, abs=1e-6)
+    swapped = onehot[:, [0, 2, 1]]
+    assert float(losses.dice_loss(swapped, onehot)) > 0.9
+
+
+def test_unknown_similarity_is_named():
+    with pytest.raises(ValueError, match="unknown similarity 'cc'"):
+        losses.similarity("cc")

@@ -1,0 +1,110 @@
+"""Synthetic pair generator and augmentation: determinism, ranges, and diffeomorphic deformations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from DTNRegistrationLib import metrics, synth
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread here (the test machine is shared; oversubscribed threads are far slower), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SHAPE = (32, 32, 32)
+
+
+def test_pair_shapes_types_and_ranges():
+    pair = synth.synth_pair(synth.make_generator(0), SHAPE, batch=2)
+    for image in (pair.moving, pair.fixed):
+        assert image.shape == (2, 1, *SHAPE) and image.dtype == torch.float32
+        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+        assert torch.isfinite(image).all()
+    for labels in (pair.moving_labels, pair.fixed_labels):
+        assert labels.shape == (2, 1, *SHAPE) and labels.dtype == torch.int64
+        assert 0 <= int(labels.min()) and int(labels.max()) < synth.SynthConfig().num_labels
+    assert not torch.equal(pair.moving, pair.fixed)
+
+
+def test_same_seed_same_pair_other_seed_other_pair():
+    a = synth.synth_pair(synth.make_generator(7), SHAPE)
+    b = synth.synth_pair(synth.make_generator(7), SHAPE)
+    c = synth.synth_pair(synth.make_generator(8), SHAPE)
+    assert torch.equal(a.moving, b.moving) and torch.equal(a.fixed_labels, b.fixed_labels)
+    assert not torch.equal(a.moving, c.moving)
+
+
+def test_generator_state_round_trip_continues_the_stream():
+    gen = synth.make_generator(3)
+    synth.synth_pair(gen, SHAPE)
+    state = gen.get_state()
+    expected = synth.synth_pair(gen, SHAPE)
+    gen2 = synth.make_generator(99)
+    gen2.set_state(state)
+    assert torch.equal(synth.synth_pair(gen2, SHAPE).fixed, expected.fixed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_deformations_are_diffeomorphic(seed):
+    cfg = synth.SynthConfig()
+    gen = synth.make_generator(seed)
+    for std in (cfg.template_warp_std, cfg.pair_warp_std):
+        u = synth.random_deformation(gen, 1, (48, 48, 48), std, cfg.warp_divisor)
+        jac = metrics.jacobian_determinant(u[0].numpy())
+        assert jac.min() > 0, f"folding with std {std}"
+    assert float(u.abs().max()) > 0.1  # it does deform
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_augmentation_field_is_diffeomorphic(seed):
+    u = synth.random_spatial_field(synth.make_generator(seed), 1, (48, 48, 48), synth.AugmentConfig())
+    assert metrics.jacobian_determinant(u[0].numpy()).min() > 0
+
+
+def test_affine_field_identity_with_zero_ranges():
+    cfg = synth.AugmentConfig(rotation_deg=0, scale=0, shear=0, translation=0)
+    u = synth.random_affine_field(synth.make_generator(0), 1, SHAPE, cfg)
+    assert float(u.abs().max()) < 1e-4
+
+
+def test_augment_keeps_labels_integer_and_deterministic():
+    pair = synth.synth_pair(synth.make_generator(0), SHAPE)
+    img1, lab1 = synth.augment(synth.make_generator(5), pair.moving, pair.moving_labels)
+    img2, lab2 = synth.augment(synth.make_generator(5), pair.moving, pair.moving_labels)
+    assert torch.equal(img1, img2) and torch.equal(lab1, lab2)
+    assert lab1.dtype == torch.int64
+    assert set(np.unique(lab1.numpy())) <= set(np.unique(pair.moving_labels.numpy()))
+    assert float(img1.min()) >= 0 and float(img1.max()) <= 1
+
+
+def test_augment_without_spatial_part_leaves_geometry():
+    image = torch.zeros(1, 1, *SHAPE)
+    image[..., 8:24, 8:24, 8:24] = 1.0
+    labels = (image > 0.5).long()
+    _, lab = synth.augment(synth.make_generator(0), image, labels, spatial_aug=False)
+    assert torch.equal(lab, labels)
+
+
+def test_independent_contrast_and_bad_config():
+    pair = synth.synth_pair(synth.make_generator(0), SHAPE, cfg=synth.SynthConfig(contrast="independent"))
+    assert pair.moving.shape == (1, 1, *SHAPE)
+    with pytest.raises(ValueError, match="contrast"):
+        synth.SynthConfig(contrast="weird")
+
+
+def test_gaussian_blur_preserves_constants():
+    x = torch.full((1, 1, 8, 8, 8), 0.5)
+    assert torch.allclose(synth.gaussian_blur(x, 1.0), x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda_generator():
+    pair = synth.synth_pair(synth.make_generator(0, "cuda"), SHAPE)
+    assert pair.moving.is_cuda and pair.moving_labels.is_cuda
