@@ -70,3 +70,11 @@ def test_nearest_warp_keeps_label_values():
 def test_warp_rejects_mismatched_grids():
     with pytest.raises(ValueError, match="differ"):
         spatial.warp(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 9))
+
+
+def test_gradient_flows_through_a_zero_field():
+    """Optimising from exactly zero (refinement, training) must see the image gradient."""
+    image = torch.from_numpy(blob_volume((16, 16, 16), radius=4))[None, None]
+    u = torch.zeros(1, 3, 16, 16, 16, requires_grad=True)
+    spatial.warp(image, u).sum().backward()
+    assert u.grad.abs().sum() > 0

@@ -42,7 +42,7 @@ def warp(image: torch.Tensor, u: torch.Tensor, mode: str = "bilinear", padding: 
         raise ValueError(f"image grid {tuple(image.shape[2:])} and field grid {tuple(u.shape[2:])} differ")
     if u.shape[1] != 3:
         raise ValueError(f"a displacement field has 3 channels, got {u.shape[1]}")
-    if not u.any():  # identity: return the image itself, bit for bit (normalised coordinates round off)
+    if not u.requires_grad and not u.any():  # identity: the image bit for bit (normalised coordinates round off)
         return image.clone()
     grid = _normalised_grid(u.to(image.dtype) if image.is_floating_point() else u)
     src = image if image.is_floating_point() else image.to(u.dtype)

@@ -1,0 +1,215 @@
+"""The dtnreg command line: the output contract, formats, batch use, exit codes and all-or-nothing outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import image_from_labels, phantom_labels, tiny_config
+
+from DTNRegistrationLib import cli, models
+from DTNRegistrationLib.network import build_model
+
+SHAPE = (32, 40, 36)
+OUTPUTS = ["warped", "displacement", "inverse_displacement", "jacobian", "folding", "warped_labels"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A phantom pair with labels as files (the moving one shifted), and a tiny model."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    models.save_weights(build_model(tiny_config()), root / "tiny.safetensors", {"spacing_mm": 2.0})
+    labels = phantom_labels(SHAPE)
+    shifted = np.roll(labels, 2, axis=1)
+    for name, array in {
+        "fixed.nii.gz": image_from_labels(labels),
+        "moving.nii.gz": image_from_labels(shifted, 1),
+        "fixed_labels.nii.gz": labels.astype(np.uint8),
+        "moving_labels.nii.gz": shifted.astype(np.uint8),
+    }.items():
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(root / name))
+    return root
+
+
+def run(files, out, *extra) -> int:
+    return cli.main(
+        ["register", "--moving", str(files / "moving.nii.gz"), "--fixed", str(files / "fixed.nii.gz")]
+        + ["--output-dir", str(out), "--model", str(files / "tiny.safetensors"), "--quiet", "--refine", "0", *extra]
+    )
+
+
+def test_register_writes_the_contract(files, tmp_path):
+    out = tmp_path / "out"
+    labels = [
+        "--moving-labels",
+        str(files / "moving_labels.nii.gz"),
+        "--fixed-labels",
+        str(files / "fixed_labels.nii.gz"),
+    ]
+    assert run(files, out, *labels) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.nii.gz" for n in OUTPUTS] + ["report.json"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["sha256"] == models.sha256_file(files / "tiny.safetensors")
+    assert set(report["metrics"]["dice"]) == {"1", "2", "3"} and 0 <= report["metrics"]["dice_mean"] <= 1
+    assert {"affine", "network", "total"} <= set(report["timings_s"])
+    assert report["versions"]["torch"] == torch.__version__ and report["device"] == "cpu"
+    # the displacement alone reproduces warped.nii.gz
+    moving, fixed = sitk.ReadImage(str(files / "moving.nii.gz")), sitk.ReadImage(str(files / "fixed.nii.gz"))
+    transform = sitk.DisplacementFieldTransform(
+        sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    )
+    again = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(warped), atol=1e-5)
+
+
+@pytest.mark.parametrize("extension", [".nrrd", ".mha"])
+def test_other_formats_give_the_same_result(files, tmp_path, extension):
+    for name in ("moving", "fixed"):
+        sitk.WriteImage(sitk.ReadImage(str(files / f"{name}.nii.gz")), str(tmp_path / f"{name}{extension}"))
+    args = [
+        "register",
+        "--moving",
+        str(tmp_path / f"moving{extension}"),
+        "--fixed",
+        str(tmp_path / f"fixed{extension}"),
+    ]
+    common = ["--model", str(files / "tiny.safetensors"), "--quiet", "--refine", "0", "--format", extension]
+    assert cli.main(args + ["--output-dir", str(tmp_path / "a"), *common]) == 0
+    assert run(files, tmp_path / "b") == 0
+    a = sitk.ReadImage(str(tmp_path / "a" / f"warped{extension}"))
+    b = sitk.ReadImage(str(tmp_path / "b" / "warped.nii.gz"))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b), atol=1e-5)
+
+
+def test_four_d_singleton_image_is_accepted(files, tmp_path):
+    volume = sitk.ReadImage(str(files / "moving.nii.gz"))
+    series = sitk.JoinSeries([volume])
+    sitk.WriteImage(series, str(tmp_path / "moving4d.nii.gz"))
+    args = ["register", "--moving", str(tmp_path / "moving4d.nii.gz"), "--fixed", str(files / "fixed.nii.gz")]
+    common = ["--output-dir", str(tmp_path / "o"), "--model", str(files / "tiny.safetensors"), "--quiet"]
+    assert cli.main(args + common + ["--refine", "0"]) == 0
+
+
+def _write(path, array, spacing=(2.0, 2.0, 2.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _with_nan() -> np.ndarray:
+    array = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    array[5, 6, 7] = np.nan
+    return array
+
+
+BAD_INPUTS = {
+    "missing": (lambda d: d / "nope.nii.gz", "file not found"),
+    "unreadable": (lambda d: (d / "junk.nii.gz").write_bytes(b"not an image") and d / "junk.nii.gz", "cannot be read"),
+    "two_d": (lambda d: _write(d / "flat.nrrd", np.random.rand(30, 30).astype(np.float32), (1.0, 1.0)), "2-D image"),
+    "constant": (lambda d: _write(d / "const.nii.gz", np.ones(SHAPE, np.float32)), "is constant"),
+    "nan": (lambda d: _write(d / "nan.mha", _with_nan()), "NaN or Inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_moving_image_exits_2_and_leaves_nothing(files, tmp_path, capsys, case):
+    make, message = BAD_INPUTS[case]
+    bad = make(tmp_path)
+    out = tmp_path / "out"
+    code = cli.main(
+        ["register", "--moving", str(bad), "--fixed", str(files / "fixed.nii.gz"), "--output-dir", str(out)]
+        + ["--model", str(files / "tiny.safetensors"), "--quiet"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and str(bad) in err and len(err.splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_labels_exit_2(files, tmp_path, capsys):
+    fractional = _write(tmp_path / "frac.nii.gz", np.random.rand(*SHAPE).astype(np.float32))
+    other_grid = _write(tmp_path / "grid.nii.gz", np.zeros((8, 8, 8), np.uint8))
+    for path, message in ((fractional, "not an integer label map"), (other_grid, "does not match its image")):
+        code = run(files, tmp_path / "out", "--moving-labels", str(path))
+        assert code == 2 and message in capsys.readouterr().err
+        assert not any((tmp_path / "out").iterdir())
+
+
+def test_unwritable_output_dir_exits_2(files, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert run(files, blocker / "out") == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_cuda_absent_exits_2(files, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present here")
+    assert run(files, tmp_path / "out", "--device", "cuda") == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_failure_while_writing_leaves_no_partial_output(files, tmp_path, monkeypatch):
+    """Ctrl-C after the first file was written: the staging folder is removed, nothing is left."""
+    real_write = sitk.WriteImage
+    calls = []
+
+    def write_then_interrupt(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", write_then_interrupt)
+    assert run(files, tmp_path / "out") == 1
+    assert len(calls) == 2 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_batch_from_csv_and_atlas(files, tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["moving", "fixed", "moving_labels", "fixed_labels", "name"])
+        for name in ("p1", "p2"):
+            writer.writerow(
+                [
+                    files / "moving.nii.gz",
+                    files / "fixed.nii.gz",
+                    files / "moving_labels.nii.gz",
+                    files / "fixed_labels.nii.gz",
+                    name,
+                ]
+            )
+    common = ["--model", str(files / "tiny.safetensors"), "--quiet", "--refine", "0"]
+    assert cli.main(["batch", "--pairs", str(pairs), "--output-dir", str(tmp_path / "b"), *common]) == 0
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {"p1", "p2"}
+    assert (tmp_path / "b" / "p2" / "warped_labels.nii.gz").is_file()
+    atlas = [
+        "batch",
+        "--fixed",
+        str(files / "fixed.nii.gz"),
+        "--moving",
+        str(files / "moving.nii.gz"),
+        str(files / "nope.nii.gz"),
+    ]
+    assert cli.main(atlas + ["--output-dir", str(tmp_path / "c"), *common]) == 2  # one bad pair: reported, others done
+    done = [p for p in (tmp_path / "c").iterdir() if any(p.iterdir())]
+    assert len(done) == 1
+
+
+def test_unknown_model_exits_2(files, tmp_path, capsys):
+    code = cli.main(
+        ["register", "--moving", str(files / "moving.nii.gz"), "--fixed", str(files / "fixed.nii.gz")]
+        + ["--output-dir", str(tmp_path / "o"), "--model", "no-such-model", "--quiet"]
+    )
+    assert code == 2 and "unknown model 'no-such-model'" in capsys.readouterr().err
