@@ -213,3 +213,15 @@ def test_unknown_model_exits_2(files, tmp_path, capsys):
         + ["--output-dir", str(tmp_path / "o"), "--model", "no-such-model", "--quiet"]
     )
     assert code == 2 and "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_scene_option_writes_an_mrb_that_loads_back(files, tmp_path):
+    slicer_scene = pytest.importorskip("slicer_scene", reason="slicer-core (MRML) is not importable here")
+    scene_path = tmp_path / "scenes" / "result.mrb"
+    labels = ["--moving-labels", str(files / "moving_labels.nii.gz")]
+    assert run(files, tmp_path / "out", *labels, "--scene", str(scene_path)) == 0
+    assert scene_path.is_file() and not (tmp_path / "out" / "result.mrb").exists()
+    context = slicer_scene.headless_scene()
+    assert context.scene.ReadFromMRB(str(scene_path))
+    names = {context.scene.GetNthNode(i).GetName() for i in range(context.scene.GetNumberOfNodes())}
+    assert {"moving", "fixed", "moving to fixed DTN transform", "moving warped to fixed"} <= names

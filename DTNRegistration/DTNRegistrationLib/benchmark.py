@@ -15,7 +15,7 @@ import sys
 import time
 
 
-def _measure(kind: str, size: tuple[int, int, int], runs: int, device: str, variant: str) -> dict:
+def _measure(kind: str, size: tuple[int, int, int], runs: int, device: str, variant: str, options: dict) -> dict:
     import resource
 
     import torch
@@ -25,7 +25,7 @@ def _measure(kind: str, size: tuple[int, int, int], runs: int, device: str, vari
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build_model(DTNConfig(variant=variant)).to(dev)
+    model = build_model(DTNConfig(variant=variant, **options)).to(dev)
     moving, fixed = torch.rand(1, 1, *size, device=dev), torch.rand(1, 1, *size, device=dev)
     times = []
     if kind == "inference":
@@ -57,7 +57,7 @@ def _measure(kind: str, size: tuple[int, int, int], runs: int, device: str, vari
     return {
         "kind": kind,
         "size": "x".join(map(str, size)),
-        "variant": variant,
+        "variant": variant + "".join(f", {k}={v}" for k, v in options.items()),
         "device": device,
         "median_s": statistics.median(times[1:]),
         "min_s": min(times[1:]),
@@ -67,10 +67,10 @@ def _measure(kind: str, size: tuple[int, int, int], runs: int, device: str, vari
     }
 
 
-def _in_subprocess(kind: str, size, runs: int, device: str, variant: str) -> dict:
+def _in_subprocess(kind: str, size, runs: int, device: str, variant: str, options: dict | None = None) -> dict:
     code = (
         "import json,sys;from DTNRegistrationLib.benchmark import _measure;"
-        f"print(json.dumps(_measure({kind!r}, {tuple(size)!r}, {runs}, {device!r}, {variant!r})))"
+        f"print(json.dumps(_measure({kind!r}, {tuple(size)!r}, {runs}, {device!r}, {variant!r}, {options or {}!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -91,6 +91,9 @@ def run_benchmark(args) -> list[dict]:
     rows = []
     for size in sizes:
         rows.append(_in_subprocess("inference", size, args.runs, args.device, args.variant))
+    # the design choice that matters most: velocity (and the last decoder level) at full resolution
+    rows.append(_in_subprocess("inference", sizes[0], args.runs, args.device, args.variant, {"velocity_level": 0}))
+    rows.append(_in_subprocess("inference", sizes[0], args.runs, args.device, "none"))
     half = tuple(n // 2 if (n // 2) % 16 == 0 else n // 2 + 16 - (n // 2) % 16 for n in sizes[0])
     rows.append(_in_subprocess("train_step", half, max(3, args.runs // 2), args.device, args.variant))
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""

@@ -1,4 +1,4 @@
-"""The ``dtnreg`` command line: register | batch | demo | train | benchmark.
+"""The ``dtnreg`` command line: register | batch | demo | train | benchmark | evaluate.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the file and the problem), 1 anything else.
 """
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(train)
     except ImportError:  # training extras missing: the subcommand says so when used
         pass
+
+    evaluate = sub.add_parser("evaluate", help="compare methods on labelled pairs: Table 1, t-tests, figures")
+    from .evaluation import add_arguments as add_evaluation_arguments
+
+    add_evaluation_arguments(evaluate)
     return parser
 
 
@@ -129,7 +134,8 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
         if scene:
             from .mrml import write_scene_from_files
 
-            write_scene_from_files(moving_img, fixed_img, result, stage.path(Path(scene).name), m_labels)
+            names = (_stem(moving), _stem(fixed))
+            write_scene_from_files(moving_img, fixed_img, result, stage.path(Path(scene).name), m_labels, names=names)
         written = stage.commit()
         if scene and Path(scene).parent.resolve() != Path(output_dir).resolve():
             Path(scene).parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +148,11 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
         progress.close()
         stage.discard()
         raise
+
+
+def _stem(path) -> str:
+    name = Path(path).name
+    return name.split(".")[0] or name
 
 
 def _summary(result, written) -> None:
@@ -254,12 +265,19 @@ def cmd_train(args) -> int:
     return int(train_main(args) or 0)
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluation import main as evaluate_main
+
+    return int(evaluate_main(args))
+
+
 COMMANDS = {
     "register": cmd_register,
     "batch": cmd_batch,
     "demo": cmd_demo,
     "benchmark": cmd_benchmark,
     "train": cmd_train,
+    "evaluate": cmd_evaluate,
 }
 
 
