@@ -9,17 +9,10 @@ slicer-core. This file adds the GUI: a parameter node saved with the scene, a wo
 (MRML is touched only on the main thread, polled by a QTimer), progress and Cancel, dependency installation.
 """
 
-import importlib.metadata
-import importlib.util
-import json
 import logging
 import os
-import re
-import shutil
 import struct
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -665,48 +658,16 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def torchInstalled() -> bool:
-        return importlib.util.find_spec("torch") is not None
+        from DTNRegistrationLib import environment
+
+        return environment.torch_installed()
 
     @staticmethod
     def missingRequirements() -> list[str]:
         """Requirement lines of requirements.txt that are not installed (or at an unsuitable version)."""
-        try:
-            from packaging.requirements import Requirement
-        except ImportError:  # without `packaging`, only check that each package is there
-            Requirement = None
-        missing = []
-        for line in REQUIREMENTS_FILE.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if Requirement is not None:
-                requirement = Requirement(line)
-                name = requirement.name
-            else:
-                requirement = None
-                name = re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]
-            try:
-                version = importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                missing.append(line)
-                continue
-            if requirement is not None and requirement.specifier and version not in requirement.specifier:
-                missing.append(line)
-        return missing
+        from DTNRegistrationLib import environment
 
-    @staticmethod
-    def _bundledConstraints() -> str:
-        """A pip constraints file pinning the bundled packages to their installed versions."""
-        lines = []
-        for name in BUNDLED_PACKAGES:
-            try:
-                lines.append(f"{name}=={importlib.metadata.version(name)}")
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        handle, path = tempfile.mkstemp(prefix="DTNRegistration-constraints-", suffix=".txt")
-        with os.fdopen(handle, "w") as stream:
-            stream.write("\n".join(lines) + "\n")
-        return path
+        return environment.missing_requirements(REQUIREMENTS_FILE)
 
     def ensureTorch(self, interactive: bool = True) -> bool:
         """PyTorch through the PyTorch extension (its CUDA build where a GPU is found); False if unavailable."""
@@ -744,7 +705,9 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
         """The engine's other packages (requirements.txt), never replacing Slicer's SimpleITK, numpy, scipy."""
         if not self.missingRequirements():
             return True
-        constraints = self._bundledConstraints()
+        from DTNRegistrationLib import environment
+
+        constraints = environment.write_pinning_constraints(BUNDLED_PACKAGES)
         try:
             slicerPackaging = getattr(slicer, "packaging", None)
             if slicerPackaging is not None and hasattr(slicerPackaging, "pip_ensure"):  # Slicer >= 5.12
@@ -790,31 +753,10 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
 
         Returns ``gpus`` (names), ``torch`` (version or None), ``cudaUsable`` and a one-line ``summary``.
         """
-        gpus = []
-        smi = shutil.which("nvidia-smi")
-        if smi:
-            try:
-                out = subprocess.run(
-                    [smi, "--query-gpu=name", "--format=csv,noheader"],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                    check=False,
-                )
-                gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-            except (OSError, subprocess.SubprocessError):
-                gpus = []
-        try:
-            torchVersion = importlib.metadata.version("torch")
-        except importlib.metadata.PackageNotFoundError:
-            torchVersion = None
-        cpuBuild = torchVersion is not None and "+cpu" in torchVersion
-        cudaUsable = bool(gpus) and torchVersion is not None and not cpuBuild
-        if "torch" in sys.modules:  # already imported: ask it directly
-            torch = sys.modules["torch"]
-            cudaUsable = bool(torch.cuda.is_available())
-            if cudaUsable and not gpus:
-                gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        from DTNRegistrationLib import environment
+
+        devices = environment.detect_devices()
+        gpus, torchVersion, cudaUsable = devices.gpus, devices.torch_version, devices.cuda_usable
         if gpus and cudaUsable:
             summary = _("GPU: {gpu} (PyTorch {version})").format(gpu=", ".join(gpus), version=torchVersion)
         elif gpus and torchVersion is None:
@@ -833,26 +775,12 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def registry() -> dict:
-        path = MODELS_DIR / "models.json"
-        if not path.is_file():
-            return {"default": None, "models": {}}
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {"default": None, "models": {}}
+        from DTNRegistrationLib import environment
+
+        return environment.read_model_registry(MODELS_DIR)
 
     def shippedModelNames(self) -> list[str]:
         return sorted(self.registry().get("models", {}))
-
-    @staticmethod
-    def _weightsMetadata(path: Path) -> dict:
-        """The ``__metadata__`` of a safetensors file, read from its JSON header (no torch, no safetensors)."""
-        with open(path, "rb") as stream:
-            (length,) = struct.unpack("<Q", stream.read(8))
-            if length > 100_000_000:
-                raise ValueError("not a safetensors file")
-            header = json.loads(stream.read(length))
-        return header.get("__metadata__", {}) or {}
 
     def modelAlpha(self, model: str = "") -> float:
         """The model's default alpha, kept inside the range the alpha slider accepts."""
@@ -874,22 +802,20 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
                 name=name, names=", ".join(self.shippedModelNames()) or _("none")
             )
             return info
+        from DTNRegistrationLib import environment
+
         try:
-            metadata = self._weightsMetadata(path)
-            config = json.loads(metadata.get("dtn_config", "{}"))
-            extra = json.loads(metadata.get("info", "{}"))
+            config, extra = environment.weights_config(path)
         except (OSError, ValueError, struct.error) as err:
             info["description"] = _("Cannot read {path}: {error}").format(path=path, error=err)
             return info
         info["alpha"] = float(config.get("alpha", DEFAULT_ALPHA))
-        if config.get("alpha_conditioned", True):
+        if config.get("alpha_conditioned", True):  # one network for a range of alphas
             info["alphaRange"] = tuple(float(a) for a in config.get("alpha_range", ALPHA_RANGE))
-        else:
-            info["alphaRange"] = (info["alpha"], info["alpha"])
-        if config.get("alpha_conditioned", True):
             low, high = info["alphaRange"]
             trained = _("any alpha in {low:g}-{high:g}").format(low=low, high=high)
         else:
+            info["alphaRange"] = (info["alpha"], info["alpha"])
             trained = _("trained at alpha {alpha:g}").format(alpha=info["alpha"])
         info["description"] = _("{name}: {variant}, {trained}, {spacing:g} mm grid{sha}").format(
             name=name if entry else path.name,

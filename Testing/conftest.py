@@ -24,6 +24,19 @@ def tiny_cfg() -> DTNConfig:
     return tiny_config()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (the test machine is shared; oversubscribed threads are far slower).
+
+    The number of threads before is restored after the module. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def blob_volume(shape=(32, 32, 32), centre=None, radius=6.0) -> np.ndarray:
     """A smooth ball of intensity 1 on 0."""
     centre = np.array(shape) / 2.0 if centre is None else np.asarray(centre, float)

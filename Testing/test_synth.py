@@ -8,14 +8,7 @@ import torch
 
 from DTNRegistrationLib import metrics, synth
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here (the test machine is shared; oversubscribed threads are far slower), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SHAPE = (32, 32, 32)
