@@ -142,7 +142,9 @@ def main() -> None:
 
 def _dice_identity(pair: dict) -> float:
     fixed = sitk.ReadImage(str(pair["fixed_labels"]))
-    moving = sitk.Resample(sitk.ReadImage(str(pair["moving_labels"])), fixed, sitk.Transform(), sitk.sitkNearestNeighbor)
+    moving = sitk.Resample(
+        sitk.ReadImage(str(pair["moving_labels"])), fixed, sitk.Transform(), sitk.sitkNearestNeighbor
+    )
     return metrics.mean_dice(sitk.GetArrayFromImage(moving), sitk.GetArrayFromImage(fixed))
 
 
