@@ -21,6 +21,7 @@ from .models import LoadedModel, load_model
 from .refinement import refine_velocity
 
 DEFAULT_REFINE_STEPS = 0
+EDGE_TAPER_VOXELS = 3
 
 
 class Cancelled(Exception):
@@ -231,12 +232,30 @@ def _refine(loaded, velocity, moving, fixed, mask, alpha, steps, device, stages)
         )
 
 
-def _field_image(u: torch.Tensor, reference: sitk.Image) -> sitk.Image:
-    """Voxel-unit field (array axes k, j, i) on the LPS-aligned model grid -> ITK field (x, y, z in mm)."""
+def _field_image(u: torch.Tensor, reference: sitk.Image, taper: int = EDGE_TAPER_VOXELS) -> sitk.Image:
+    """Voxel-unit field (array axes k, j, i) on the LPS-aligned model grid -> ITK field (x, y, z in mm).
+
+    The field is tapered to zero over the grid's last ``taper`` voxels (background: the grid has a margin
+    around the head), so that it meets the affine-only region outside the grid without a jump, which would
+    otherwise show as a false band in the Jacobian map.
+    """
     array = u[0].detach().cpu().numpy()[::-1].transpose(1, 2, 3, 0) * reference.GetSpacing()[0]
+    array = array * _edge_window(array.shape[:3], taper)[..., None]
     image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float64), isVector=True)
     image.CopyInformation(reference)
     return image
+
+
+def _edge_window(shape: tuple[int, ...], taper: int) -> np.ndarray:
+    """Separable window: 0 on the border voxels, rising as a half cosine to 1 at ``taper`` voxels inside."""
+    window = np.ones(shape, np.float64)
+    for axis, n in enumerate(shape):
+        ramp = np.ones(n)
+        steps = min(taper, n // 2)
+        ramp[:steps] = 0.5 - 0.5 * np.cos(np.pi * np.arange(steps) / steps)
+        ramp[n - steps :] = ramp[:steps][::-1]
+        window *= ramp.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    return window
 
 
 def _as_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
