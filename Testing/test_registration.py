@@ -190,3 +190,11 @@ def _with_nan(image: sitk.Image) -> sitk.Image:
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(image)
     return out
+
+
+def test_field_is_tapered_to_zero_at_the_model_grid_edge():
+    """No jump where the network's grid ends: the deformable part is 0 on the border, untouched inside."""
+    window = registration._edge_window((12, 16, 10), 3)
+    assert window[0].max() == 0 and window[:, -1].max() == 0 and window[..., 0].max() == 0
+    assert window[3:-3, 3:-3, 3:-3].min() == 1.0
+    assert np.all(np.diff(window[:6, 8, 5]) >= 0)  # a monotone ramp, no overshoot
