@@ -74,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     evaluate = sub.add_parser("evaluate", help="compare methods on labelled pairs: Table 1, t-tests, figures")
-    from .evaluation import add_arguments as add_evaluation_arguments
+    try:
+        from .evaluation import add_arguments as add_evaluation_arguments
 
-    add_evaluation_arguments(evaluate)
+        add_evaluation_arguments(evaluate)
+    except ImportError:  # as for train: the subcommand says so when used
+        pass
     return parser
 
 
@@ -266,8 +269,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import main as evaluate_main
-
+    try:
+        from .evaluation import main as evaluate_main
+    except ImportError as err:
+        raise InputError(f"evaluation is not available: {err}") from None
     return int(evaluate_main(args))
 
 

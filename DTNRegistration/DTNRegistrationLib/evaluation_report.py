@@ -312,7 +312,11 @@ def dice_boxplot(records: list[dict], methods: list[str], table: dict[int, str],
         if not shown:
             continue
         boxes = ax.boxplot(
-            [d for _, d in shown], positions=[p for p, _ in shown], widths=width * 0.9, patch_artist=True
+            [d for _, d in shown],
+            positions=[p for p, _ in shown],
+            widths=width * 0.9,
+            patch_artist=True,
+            medianprops={"color": "black"},
         )
         for box in boxes["boxes"]:
             box.set_facecolor(colours(i % 10))
@@ -360,8 +364,8 @@ def alpha_figure(fixed: np.ndarray, sweep: list[dict], path: str | os.PathLike) 
 def _fmt(value: float, digits: int = 3) -> str:
     if value is None or not np.isfinite(value):
         return "–"
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** -digits):
-        return f"{value:.2e}"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 0.5 * 10**-digits):
+        return f"{value:.1e}"
     return f"{value:.{digits}f}"
 
 
@@ -384,7 +388,7 @@ def table1(summary: list[dict]) -> list[str]:
         ("\\|J\\|<=0 (%)", "folding_percent", 4),
         ("SDlogJ", "sd_log_jacobian", 3),
         ("HD95 (mm)", "hd95", 2),
-        ("time (s)", "time", 1),
+        ("time (s)", "time", 2),
         ("peak memory (MB)", "peak_extra_mb", 0),
     ]
     rows = []
@@ -422,9 +426,7 @@ def pair_table(records: list[dict], methods: list[str], pairs: list[str]) -> lis
 
 
 def ttest_table(rows: list[dict]) -> list[str]:
-    body = [
-        [r["a"], r["b"], str(r["n"]), _fmt(r["mean_difference"], 4), _fmt(r["t"], 2), _p(r["p"])] for r in rows
-    ]
+    body = [[r["a"], r["b"], str(r["n"]), _fmt(r["mean_difference"], 4), _fmt(r["t"], 2), _p(r["p"])] for r in rows]
     return _table(["A", "B", "pairs", "mean Dice A − B", "t", "p (two-sided)"], body)
 
 
@@ -456,3 +458,80 @@ __all__ = [
     "write_csv",
     "write_text",
 ]
+
+
+def render_report(records: list[dict], sweep: list[dict], table: dict[int, str], context: dict) -> str:
+    """The Markdown report: Table 1, t-tests, Fig. 3 and its table, per-pair numbers, Fig. 2(b), definitions."""
+    methods = [m.label for m in context["methods"]]
+    pairs = [p.name for p in context["pairs"]]
+    labelled = sum(1 for p in context["pairs"] if p.labelled)
+    lines = [f"# {context['title']}", ""]
+    if context.get("notes"):
+        lines += [context["notes"].strip(), ""]
+    lines += [
+        f"{len(pairs)} pairs ({labelled} with label maps) x {len(methods)} methods, written by `dtnreg evaluate`. "
+        "Every number is in `results.csv` (one row per pair x method x structure).",
+        "",
+        "Methods: " + "; ".join(f"**{m.label}** (`{m.spec}`)" for m in context["methods"]) + ".",
+        "",
+        "## Table 1: accuracy, regularity and cost",
+        "",
+        *table1(context["summary"]),
+        "",
+        "DSC: mean and standard deviation over all (pair, structure) Dice values; *DSC per pair*: over the pairs' "
+        "mean Dice. \\|J\\|<=0: voxels of the fixed grid (inside the fixed mask where one is given) where the "
+        "Jacobian determinant of the fixed-to-moving map is <= 0, per pair. Standard deviations are sample ones "
+        "(n - 1).",
+        "",
+        "## Paired t-tests (per-pair mean Dice)",
+        "",
+        *ttest_table(context["tests"]),
+        "",
+    ]
+    if "boxplot" in context["figures"]:
+        lines += [
+            "## Dice per structure (Fig. 3)",
+            "",
+            f"![Dice per structure]({context['figures']['boxplot']})",
+            "",
+            "Left and right structures (FreeSurfer names `Left-X` / `Right-X`) are merged: each pair contributes "
+            "the mean of its two sides.",
+            "",
+            *structure_table(records, methods, table),
+            "",
+        ]
+    lines += ["## Per pair", "", *pair_table(records, methods, pairs), ""]
+    if sweep:
+        lines += [
+            "## Smoothness weight alpha (Fig. 2(b))",
+            "",
+            f"{context['sweep_label']}, one registration per alpha.",
+            "",
+            f"![Warped image and folding per alpha]({context['figures']['alpha']})",
+            "",
+            *alpha_table(sweep),
+            "",
+        ]
+    lines += _definitions(context["environment"])
+    return "\n".join(lines) + "\n"
+
+
+def _definitions(env: dict) -> list[str]:
+    return [
+        "## Definitions and environment",
+        "",
+        "- Every method's result is the full fixed-to-moving map on the fixed image's grid (an ITK displacement "
+        "field, mm); Dice, HD95, folding and SDlogJ are computed from it by the same code for all methods. "
+        "SyN's forward transforms are composed into one field by `ants.apply_transforms(compose=...)`; its labels "
+        "are warped by `ants.apply_transforms` (nearest neighbour).",
+        "- HD95: per structure, max of the two directed 95th percentiles of the distances (mm) between the "
+        "surface voxels of the warped and the fixed label (voxel centres, SimpleITK Maurer distance maps).",
+        "- SDlogJ: standard deviation of log(det J), det J clipped to [1e-9, 1e9].",
+        "- time: wall-clock seconds of the method alone (reading images and scoring excluded; the DTN's time "
+        "includes its affine initialisation and, for refinement, the optimisation).",
+        f"- peak memory: {env['memory_measure']}: the process's peak resident memory during the method minus its "
+        "resident memory before it, freed heap returned to the OS first (torch and ITK allocations included).",
+        f"- machine: {env['machine']}, {env['cpus']} CPUs, torch threads {env['torch_threads']}; DTN device(s): "
+        f"{env['dtn_devices']}; Python {env['python']}, torch {env['torch']}, SimpleITK {env['SimpleITK']}, "
+        f"antspyx {env['antspyx']}.",
+    ]

@@ -1,0 +1,788 @@
+"""``dtnreg evaluate``: the paper's Table 1, Fig. 2(b) and Fig. 3 on any labelled dataset, baselines side by side.
+
+Input: pairs with label maps (a CSV, a Learn2Reg/OASIS dataset JSON, or an atlas and a folder), a label table and
+the methods to compare (``baselines``). Every file is checked before any work. Each (pair, method) is registered,
+timed and scored by the same code: Dice and HD95 (mm) per structure, folding (det J <= 0) and SDlogJ of the map.
+Each result is cached as JSON in ``OUTPUT/cache`` under a key made of the input files' contents and the method's
+settings, so an interrupted evaluation resumes without recomputing finished pairs. Then ``evaluation_report``
+writes ``results.csv`` (every number), ``summary.csv``, ``ttests.csv``, the figures and ``report.md``.
+
+Memory: the process's peak resident set size (Linux VmHWM, reset before each method through
+``/proc/self/clear_refs``) minus its RSS before the method (after ``malloc_trim``): what that method added at its
+peak, torch and ITK included. Where the reset is not possible, the growth of ``getrusage`` max RSS (a lower bound)
+is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .imaging import InputError
+
+EVAL_VERSION = 1
+DEFAULT_ALPHAS = "0.01,0.03,0.1,0.3,1"
+ROLES = ("moving", "fixed", "moving_labels", "fixed_labels", "mask")
+
+
+@dataclass
+class PairSpec:
+    """One pair to evaluate (paths); labels and the fixed-image mask are optional."""
+
+    name: str
+    moving: Path
+    fixed: Path
+    moving_labels: Path | None = None
+    fixed_labels: Path | None = None
+    mask: Path | None = None
+
+    def files(self) -> dict[str, Path]:
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+
+    @property
+    def labelled(self) -> bool:
+        return self.moving_labels is not None and self.fixed_labels is not None
+
+
+@dataclass
+class EvaluationRun:
+    """What ``evaluate`` did: the records, the alpha sweep, how many were computed or reused, the files."""
+
+    records: list[dict]
+    sweep: list[dict]
+    computed: int
+    reused: int
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _stem(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _unique_names(pairs: list[PairSpec]) -> list[PairSpec]:
+    seen: dict[str, int] = {}
+    for pair in pairs:
+        count = seen.get(pair.name, 0)
+        seen[pair.name] = count + 1
+        if count:
+            pair.name = f"{pair.name}#{count + 1}"
+    return pairs
+
+
+def pairs_from_csv(path: str | Path) -> list[PairSpec]:
+    """Pairs from a CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,name] (paths relative to it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"pairs file {path}: file not found")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"moving", "fixed"} <= set(rows[0]):
+        raise InputError(f"pairs file {path}: needs a header with at least the columns moving,fixed")
+    base = path.parent
+
+    def resolve(value: str | None) -> Path | None:
+        return None if not value else (Path(value) if Path(value).is_absolute() else base / value)
+
+    pairs = []
+    for row in rows:
+        moving, fixed = resolve(row["moving"]), resolve(row["fixed"])
+        if moving is None or fixed is None:
+            raise InputError(f"pairs file {path}: a row has no moving or fixed image ({row})")
+        name = row.get("name") or f"{_stem(moving)}->{_stem(fixed)}"
+        pairs.append(PairSpec(name, moving, fixed, *(resolve(row.get(k)) for k in ROLES[2:])))
+    return _unique_names(pairs)
+
+
+def pairs_from_dataset_json(path: str | Path) -> list[PairSpec]:
+    """Pairs of a Learn2Reg-style dataset JSON: ``registration_val``, else consecutive ``validation`` subjects."""
+    from .data import read_dataset_json
+
+    dataset = read_dataset_json(path)
+    subjects = {str(s.image): s for s in dataset.training + dataset.validation}
+    listed = dataset.validation_pairs
+    if not listed:
+        val = dataset.validation
+        listed = [(val[i].image, val[i + 1].image) for i in range(len(val) - 1)]
+    if not listed:
+        raise InputError(f"dataset JSON {path}: no 'registration_val' pairs and fewer than 2 'validation' images")
+    pairs = []
+    for moving, fixed in listed:
+        m, f = subjects.get(str(moving)), subjects.get(str(fixed))
+        pairs.append(
+            PairSpec(
+                f"{_stem(moving)}->{_stem(fixed)}",
+                moving,
+                fixed,
+                m.label if m else None,
+                f.label if f else None,
+                f.mask if f else None,
+            )
+        )
+    return _unique_names(pairs)
+
+
+def pairs_from_atlas(
+    atlas: str | Path,
+    images_dir: str | Path,
+    atlas_labels: str | Path | None = None,
+    labels_dir: str | Path | None = None,
+    pattern: str = "*",
+    atlas_mask: str | Path | None = None,
+) -> list[PairSpec]:
+    """Every image of a folder (moving) onto one atlas (fixed); labels of the same file name in ``labels_dir``."""
+    from .data import subjects_from_folder
+
+    atlas = Path(atlas)
+    found = subjects_from_folder(images_dir, pattern, labels_dir)
+    subjects = [s for s in found if s.image.resolve() != atlas.resolve()]
+    label = Path(atlas_labels) if atlas_labels else None
+    mask = Path(atlas_mask) if atlas_mask else None
+    return _unique_names(
+        [PairSpec(f"{s.name}->{_stem(atlas)}", s.image, atlas, s.label, label, mask) for s in subjects]
+    )
+
+
+def _header(path: Path) -> tuple:
+    """Size, spacing, origin and direction from the file's header only (a singleton 4th axis dropped)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size, spacing, origin = reader.GetSize(), reader.GetSpacing(), reader.GetOrigin()
+    direction = np.reshape(reader.GetDirection(), (len(size), len(size)))
+    if len(size) == 4 and size[3] == 1:
+        size, spacing, origin, direction = size[:3], spacing[:3], origin[:3], direction[:3, :3]
+    if len(size) != 3:
+        raise InputError(f"{path}: a {len(size)}-D image of size {size}; a 3-D volume is needed")
+    return size, np.array(spacing), np.array(origin), direction.ravel()
+
+
+def _grid_problem(labels: tuple, image: tuple, tol: float = 1e-3) -> str | None:
+    problems = []
+    if tuple(labels[0]) != tuple(image[0]):
+        problems.append(f"size {tuple(labels[0])} vs {tuple(image[0])}")
+    for name, a, b in zip(("spacing", "origin", "direction"), labels[1:], image[1:]):
+        if not np.allclose(a, b, atol=tol * max(1.0, float(np.abs(b).max()))):
+            problems.append(f"{name} {tuple(np.round(a, 3))} vs {tuple(np.round(b, 3))}")
+    return "; ".join(problems) or None
+
+
+def check_pairs(pairs: list[PairSpec]) -> None:
+    """Every file exists and is an image; every label map and mask is on its image's grid. All problems at once."""
+    if not pairs:
+        raise InputError("no pairs to evaluate")
+    problems, headers = [], {}
+    for pair in pairs:
+        for role, path in pair.files().items():
+            if path not in headers:
+                try:
+                    if not Path(path).is_file():
+                        raise InputError(f"{path}: file not found")
+                    headers[path] = _header(Path(path))
+                except (InputError, RuntimeError) as err:
+                    headers[path] = None
+                    problems.append(f"pair {pair.name}, {role.replace('_', ' ')}: {str(err).strip().splitlines()[0]}")
+        for role, image in (("moving_labels", "moving"), ("fixed_labels", "fixed"), ("mask", "fixed")):
+            path = getattr(pair, role)
+            if path is not None and headers.get(path) and headers.get(getattr(pair, image)):
+                problem = _grid_problem(headers[path], headers[getattr(pair, image)])
+                if problem:
+                    what = role.replace("_", " ")
+                    problems.append(f"pair {pair.name}, {what} {path}: does not match its {image} image ({problem})")
+    if problems:
+        raise InputError(f"{len(problems)} problem(s) with the pairs:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+def load_pair(pair: PairSpec):
+    """Read one pair (validated by the engine's readers)."""
+    from . import imaging
+    from .baselines import PairImages
+
+    moving = imaging.read_image(pair.moving, "moving image")
+    fixed = imaging.read_image(pair.fixed, "fixed image")
+
+    def labels(path, reference, what):
+        return None if path is None else imaging.read_labels(path, reference, what)
+
+    return PairImages(
+        pair.name,
+        moving,
+        fixed,
+        labels(pair.moving_labels, moving, "moving labels"),
+        labels(pair.fixed_labels, fixed, "fixed labels"),
+        labels(pair.mask, fixed, "mask"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with at least one face neighbour outside it (the image border counts as outside)."""
+    mask = np.asarray(mask, bool)
+    padded = np.pad(mask, 1)
+    interior = mask.copy()
+    for axis in range(3):
+        for shift in (-1, 1):
+            interior &= np.roll(padded, shift, axis)[1:-1, 1:-1, 1:-1]
+    return mask & ~interior
+
+
+def _distance_to(target: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Euclidean distance (mm) from every voxel to the nearest voxel of ``target`` (exact, Maurer)."""
+    image = sitk.GetImageFromArray(target.astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return np.abs(sitk.GetArrayFromImage(distance))
+
+
+def hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
+    """Symmetric 95th-percentile Hausdorff distance (mm) between the surfaces of two masks.
+
+    ``max(P95 of d(x, surface B) over x on surface A, P95 of d(y, surface A) over y on surface B)`` with voxel
+    centres as points, numpy's linear-interpolation percentile and ``spacing`` in SimpleITK's (x, y, z) order
+    for arrays indexed (k, j, i). NaN when either mask is empty. Computed in the masks' joint bounding box.
+    """
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if not a.any() or not b.any():
+        return float("nan")
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(a | b))
+    sa, sb = surface(a[box]), surface(b[box])
+    to_a, to_b = _distance_to(sa, spacing), _distance_to(sb, spacing)
+    return float(max(np.percentile(to_b[sa], 95), np.percentile(to_a[sb], 95)))
+
+
+def score(output, pair) -> dict:
+    """Dice and HD95 per structure, folding and SDlogJ of one method's output on one pair."""
+    from . import metrics
+
+    jac = jacobian(output, pair)
+    region = None if pair.mask is None else sitk.GetArrayViewFromImage(pair.mask) > 0
+    count, percent = metrics.folding(jac, region)
+    values = jac if region is None else jac[region]
+    record = {
+        "folding_count": count,
+        "folding_percent": percent,
+        "folding_region_voxels": int(values.size),
+        "sd_log_jacobian": metrics.sd_log_jacobian(jac, region),
+        "jacobian_min": float(values.min()),
+        "structures": {},
+        "mean_dice": None,
+        "mean_hd95_mm": None,
+    }
+    if output.warped_labels is not None and pair.fixed_labels is not None:
+        record.update(_label_scores(output.warped_labels, pair))
+    return record
+
+
+def jacobian(output, pair) -> np.ndarray:
+    """det J of the output's map on the fixed grid: the method's own when it has one, else from the field."""
+    from . import metrics
+
+    if output.jacobian is not None:
+        return np.asarray(output.jacobian)
+    field = sitk.GetArrayViewFromImage(output.displacement)
+    return metrics.physical_jacobian_determinant(field, pair.fixed.GetSpacing(), pair.fixed.GetDirection())
+
+
+def _label_scores(warped_labels: sitk.Image, pair) -> dict:
+    from . import metrics
+
+    warped = sitk.GetArrayViewFromImage(warped_labels)
+    target = sitk.GetArrayViewFromImage(pair.fixed_labels)
+    moving = sitk.GetArrayViewFromImage(pair.moving_labels)
+    labels = sorted((set(np.unique(target).tolist()) | set(np.unique(moving).tolist())) - {0})
+    dice = metrics.dice(warped, target, labels)
+    spacing = pair.fixed.GetSpacing()
+    structures = {}
+    for label in labels:
+        d = dice[int(label)]
+        h = hd95(warped == label, target == label, spacing)
+        structures[str(int(label))] = {"dice": _finite(d), "hd95_mm": _finite(h)}
+    dices = [s["dice"] for s in structures.values() if s["dice"] is not None]
+    hds = [s["hd95_mm"] for s in structures.values() if s["hd95_mm"] is not None]
+    return {
+        "structures": structures,
+        "mean_dice": float(np.mean(dices)) if dices else None,
+        "mean_hd95_mm": float(np.mean(hds)) if hds else None,
+    }
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def _proc_status() -> dict[str, float]:
+    """VmRSS and VmHWM of this process in MB (empty where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as handle:
+            return {k: int(v.split()[0]) / 1024.0 for k, v in (line.split(":", 1) for line in handle) if k in _VM}
+    except OSError:
+        return {}
+
+
+_VM = ("VmRSS", "VmHWM")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that the RSS before a method is not inflated by the last."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(fn):
+    """Run ``fn()``; returns its value and the wall time, the peak RSS and what ``fn`` added at its peak (MB)."""
+    _release_free_memory()
+    before = _proc_status()
+    reset = bool(before) and _reset_peak()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    start = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - start
+    if reset:
+        peak = _proc_status()["VmHWM"]
+        stats = {"peak_rss_mb": peak, "peak_extra_mb": max(0.0, peak - before["VmRSS"]), "memory_measure": "VmHWM"}
+    else:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        stats = {"peak_rss_mb": maxrss, "peak_extra_mb": maxrss - maxrss_before, "memory_measure": "ru_maxrss growth"}
+    return value, {"time_s": seconds, **{k: round(v, 1) if isinstance(v, float) else v for k, v in stats.items()}}
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+class ResultCache:
+    """One JSON file per (pair, method[, alpha]) in ``OUTPUT/cache``, named by a key of inputs and settings."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.folder = Path(output_dir) / "cache"
+        self._digests: dict[Path, str] = {}
+
+    def digest(self, path: Path) -> str:
+        """SHA-1 of a file's content (so regenerated but identical inputs still hit the cache)."""
+        path = Path(path).resolve()
+        if path not in self._digests:
+            sha = hashlib.sha1()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    sha.update(chunk)
+            self._digests[path] = sha.hexdigest()
+        return self._digests[path]
+
+    def key(self, pair: PairSpec, method, alpha: float | None = None) -> str:
+        payload = {
+            "v": EVAL_VERSION,
+            "files": {role: self.digest(path) for role, path in pair.files().items()},
+            "method": method.cache_identity(),
+            "alpha": alpha,
+        }
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def path(self, pair: PairSpec, method, key: str, suffix: str = ".json") -> Path:
+        from .baselines import method_file_stem
+
+        pair_stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in pair.name)
+        return self.folder / f"{pair_stem}__{method_file_stem(method)}__{key}{suffix}"
+
+    def load(self, path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None  # a damaged entry is recomputed
+
+    def save(self, path: Path, record: dict) -> None:
+        from .evaluation_report import write_text
+
+        write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def run_one(images, pair: PairSpec, method, key: str, alpha: float | None = None) -> tuple[dict, object]:
+    """Register, time and score one pair with one method: the record (JSON-ready) and the method's output."""
+    output, cost = measure(lambda: method.run(images, alpha=alpha))
+    record = {
+        "version": EVAL_VERSION,
+        "key": key,
+        "pair": pair.name,
+        "method": method.label,
+        "spec": method.spec,
+        "inputs": {role: str(path) for role, path in pair.files().items()},
+        **cost,
+        **score(output, images),
+        "alpha": output.info.get("alpha", alpha),
+        "info": _jsonable(output.info),
+        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return record, output
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _oriented(image: sitk.Image) -> np.ndarray:
+    """The volume in LPS orientation (array k, j, i = S, P, L): axial slices in radiological display."""
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+
+
+class _Progress:
+    """A tqdm bar on stderr over all (pair, method) tasks; silent when quiet."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, file=sys.stderr, desc="evaluate", disable=quiet, dynamic_ncols=True)
+
+    def step(self, pair: str, method: str, cached: bool) -> None:
+        self.bar.set_postfix_str(f"{pair} / {method}{' (cached)' if cached else ''}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def evaluate(
+    pairs: list[PairSpec],
+    methods: list,
+    output_dir: str | Path,
+    *,
+    table: dict[int, str] | None = None,
+    alphas: tuple[float, ...] = (),
+    alpha_pair: str | None = None,
+    title: str = "Registration evaluation",
+    notes: str = "",
+    quiet: bool = False,
+) -> EvaluationRun:
+    """Evaluate every method on every pair (reusing cached results), then write the CSVs, figures and report."""
+    output_dir = Path(output_dir)
+    sweep_method, sweep_pair = _sweep_setup(methods, pairs, alphas, alpha_pair)
+    _check_writable(output_dir)
+    cache = ResultCache(output_dir)
+    progress = _Progress(len(pairs) * len(methods) + (len(alphas) if sweep_method else 0), quiet)
+    records, computed = [], 0
+    try:
+        for pair in pairs:
+            images = None
+            for method in methods:
+                key = cache.key(pair, method)
+                path = cache.path(pair, method, key)
+                record = cache.load(path)
+                cached = record is not None
+                if not cached:
+                    images = images or load_pair(pair)
+                    record, _ = run_one(images, pair, method, key)
+                    cache.save(path, record)
+                    computed += 1
+                records.append({**record, "pair": pair.name, "method": method.label})
+                progress.step(pair.name, method.label, cached)
+        sweep = []
+        if sweep_method is not None:
+            sweep, swept = _alpha_sweep(cache, sweep_pair, sweep_method, alphas, progress)
+            computed += swept
+    finally:
+        progress.close()
+    run = EvaluationRun(records, sweep, computed, len(records) + len(sweep) - computed)
+    run.files = write_outputs(output_dir, run, pairs, methods, table or {}, title, notes, sweep_method, sweep_pair)
+    return run
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        (output_dir / "cache").mkdir(parents=True, exist_ok=True)
+        probe = output_dir / "cache" / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"output directory {output_dir}: cannot be written ({err.strerror})") from None
+
+
+def _sweep_setup(methods: list, pairs: list[PairSpec], alphas, alpha_pair: str | None):
+    """The alpha-conditioned DTN method and the pair for Fig. 2(b), or (None, None) when there is none."""
+    from .baselines import DTNMethod
+
+    if not alphas:
+        return None, None
+    candidates = [m for m in methods if isinstance(m, DTNMethod) and m.alpha_conditioned]
+    if alpha_pair is not None:
+        chosen = [p for p in pairs if p.name == alpha_pair]
+        if not chosen:
+            raise InputError(f"--alpha-pair {alpha_pair!r} is not one of the pairs: {', '.join(p.name for p in pairs)}")
+        pair = chosen[0]
+    else:
+        pair = next((p for p in pairs if p.labelled), pairs[0])
+    return (candidates[0], pair) if candidates else (None, None)
+
+
+def _alpha_sweep(cache: ResultCache, pair: PairSpec, method, alphas, progress) -> tuple[list[dict], int]:
+    """Fig. 2(b): the pair registered at each alpha; records plus oriented warped and folding volumes (cached)."""
+    images, items, computed = None, [], 0
+    for alpha in alphas:
+        key = cache.key(pair, method, alpha)
+        path = cache.path(pair, method, key, f".alpha{alpha:g}.json")
+        volumes = path.with_suffix(".npz")
+        record = cache.load(path)
+        cached = record is not None and volumes.is_file()
+        if not cached:
+            images = images or load_pair(pair)
+            record, output = run_one(images, pair, method, key, alpha)
+            folding = sitk.Cast(_jacobian_image(output, images) <= 0, sitk.sitkUInt8)
+            arrays = {"warped": _oriented(output.warped).astype(np.float16), "folding": _oriented(folding)}
+            _save_npz(volumes, arrays)
+            cache.save(path, record)
+            computed += 1
+        with np.load(volumes) as data:
+            items.append({**record, "alpha": float(alpha), "warped": data["warped"], "folding": data["folding"]})
+        progress.step(pair.name, f"{method.label} alpha={alpha:g}", cached)
+    return items, computed
+
+
+def _jacobian_image(output, images) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.asarray(jacobian(output, images), np.float32))
+    image.CopyInformation(images.fixed)
+    return image
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from .models import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def write_outputs(output_dir: Path, run: EvaluationRun, pairs, methods, table, title, notes, sweep_method, sweep_pair):
+    """results.csv, summary.csv, ttests.csv, the figures and report.md; returns their paths."""
+    from . import evaluation_report as rep
+
+    labels = [m.label for m in methods]
+    names = [p.name for p in pairs]
+    files = {name: output_dir / name for name in ("results.csv", "summary.csv", "ttests.csv", "report.md")}
+    summary = rep.summarise(run.records, labels)
+    tests = rep.ttests(run.records, labels, names)
+    rep.write_csv(files["results.csv"], rep.csv_rows(run.records, table))
+    rep.write_csv(files["summary.csv"], _flat_summary(summary), _SUMMARY_COLUMNS)
+    rep.write_csv(files["ttests.csv"], tests, ("a", "b", "n", "mean_difference", "t", "p"))
+    figures = {}
+    if rep.dice_boxplot(run.records, labels, table, output_dir / "dice_per_structure.png"):
+        figures["boxplot"] = files["dice_per_structure.png"] = output_dir / "dice_per_structure.png"
+    if run.sweep:
+        fixed = _oriented(load_pair(sweep_pair).fixed)
+        rep.alpha_figure(fixed, run.sweep, output_dir / "alpha_folding.png")
+        figures["alpha"] = files["alpha_folding.png"] = output_dir / "alpha_folding.png"
+    context = {
+        "title": title,
+        "notes": notes,
+        "pairs": pairs,
+        "methods": methods,
+        "summary": summary,
+        "tests": tests,
+        "figures": {k: v.name for k, v in figures.items()},
+        "sweep_label": None if sweep_method is None else f"{sweep_method.label} on {sweep_pair.name}",
+        "environment": environment(run.records),
+    }
+    rep.write_text(files["report.md"], rep.render_report(run.records, run.sweep, table, context))
+    return files
+
+
+_SUMMARY_KEYS = (
+    "dsc_all",
+    "dsc_pair",
+    "folding",
+    "folding_percent",
+    "sd_log_jacobian",
+    "hd95",
+    "time",
+    "peak_extra_mb",
+)
+_SUMMARY_COLUMNS = ("method", "pairs") + tuple(f"{k}_{s}" for k in _SUMMARY_KEYS for s in ("mean", "std", "n"))
+
+
+def _flat_summary(summary: list[dict]) -> list[dict]:
+    rows = []
+    for row in summary:
+        flat = {"method": row["method"], "pairs": row["pairs"]}
+        for key in _SUMMARY_KEYS:
+            flat.update(dict(zip((f"{key}_mean", f"{key}_std", f"{key}_n"), row[key])))
+        rows.append(flat)
+    return rows
+
+
+def environment(records: list[dict]) -> dict:
+    """Where the numbers were measured (they depend on it): CPU, threads, library versions."""
+    import torch
+
+    devices = sorted({str(r.get("info", {}).get("device")) for r in records if r.get("info", {}).get("device")})
+    measures = sorted({str(r.get("memory_measure")) for r in records if r.get("memory_measure")})
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": _cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtn_devices": ", ".join(devices) or "–",
+        "memory_measure": ", ".join(measures) or "–",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "SimpleITK": sitk.Version_VersionString(),
+        "antspyx": _ants_version(),
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _ants_version() -> str:
+    try:
+        import ants
+
+        return str(getattr(ants, "__version__", "installed"))
+    except ImportError:
+        return "not installed"
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dtnreg evaluate``."""
+    src = parser.add_argument_group("pairs (one of)")
+    src.add_argument("--pairs", help="CSV with columns moving,fixed,moving_labels,fixed_labels[,mask,name]")
+    src.add_argument("--dataset-json", help="Learn2Reg/OASIS dataset JSON (registration_val pairs, or validation)")
+    src.add_argument("--atlas", help="atlas mode: fixed image; every image of --images-dir is registered onto it")
+    src.add_argument("--atlas-labels", help="the atlas's label map")
+    src.add_argument("--atlas-mask", help="the atlas's brain mask")
+    src.add_argument("--images-dir", help="atlas mode: folder of moving images")
+    src.add_argument("--labels-dir", help="atlas mode: folder of their label maps (same file names)")
+    src.add_argument("--images-glob", default="*", help="atlas mode: which files of --images-dir")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["identity", "affine", "dtn:default"],
+        help="e.g. identity affine dtn:default dtn:/path/w.safetensors:refine=20 syn (see docs/results.md)",
+    )
+    parser.add_argument("--output-dir", required=True, help="CSV, report.md, figures and the resumable cache")
+    parser.add_argument(
+        "--label-table", default="freesurfer", help="freesurfer (bundled subset), numbers, or a LUT/JSON file"
+    )
+    parser.add_argument(
+        "--alphas", default=DEFAULT_ALPHAS, help="alphas of the Fig. 2(b) sweep (comma-separated; '' to skip)"
+    )
+    parser.add_argument("--alpha-pair", help="pair name for the alpha sweep (default: the first labelled pair)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--title", default="Registration evaluation", help="the report's title")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def pairs_from_args(args: argparse.Namespace) -> list[PairSpec]:
+    given = [bool(args.pairs), bool(args.dataset_json), bool(args.atlas or args.images_dir)]
+    if sum(given) != 1:
+        raise InputError("give exactly one of --pairs CSV, --dataset-json JSON, or --atlas IMAGE --images-dir DIR")
+    if args.pairs:
+        return pairs_from_csv(args.pairs)
+    if args.dataset_json:
+        return pairs_from_dataset_json(args.dataset_json)
+    if not (args.atlas and args.images_dir):
+        raise InputError("atlas mode needs both --atlas IMAGE and --images-dir DIR")
+    return pairs_from_atlas(
+        args.atlas, args.images_dir, args.atlas_labels, args.labels_dir, args.images_glob, args.atlas_mask
+    )
+
+
+def parse_alphas(text: str | None) -> tuple[float, ...]:
+    try:
+        alphas = tuple(float(a) for a in (text or "").replace(" ", "").split(",") if a)
+    except ValueError:
+        raise InputError(f"--alphas: expected comma-separated numbers, got {text!r}") from None
+    if any(not a > 0 for a in alphas):
+        raise InputError("--alphas: every alpha must be > 0")
+    return alphas
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dtnreg evaluate``: 0 on success, 2 for bad input (reported before any work)."""
+    from .baselines import parse_methods
+    from .evaluation_report import load_label_table
+    from .models import ModelError
+
+    try:
+        pairs = pairs_from_args(args)
+        check_pairs(pairs)
+        table = load_label_table(args.label_table)
+        alphas = parse_alphas(args.alphas)
+        methods = parse_methods(args.methods, args.device)
+        run = evaluate(
+            pairs,
+            methods,
+            args.output_dir,
+            table=table,
+            alphas=alphas,
+            alpha_pair=args.alpha_pair,
+            title=args.title,
+            quiet=args.quiet,
+        )
+    except (InputError, ModelError) as err:
+        print(f"dtnreg evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"evaluated {len(pairs)} pairs x {len(methods)} methods ({run.computed} computed, {run.reused} reused); "
+        f"report: {run.files['report.md']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+__all__ = [
+    "EvaluationRun",
+    "PairSpec",
+    "add_arguments",
+    "check_pairs",
+    "evaluate",
+    "hd95",
+    "main",
+    "pairs_from_atlas",
+    "pairs_from_csv",
+    "pairs_from_dataset_json",
+    "score",
+    "surface",
+]
