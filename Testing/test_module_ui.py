@@ -300,3 +300,21 @@ def test_extension_descriptions_agree():
     assert f'"{s4ext["iconurl"]}"' in top
     repository = index["scm_url"].rstrip("/").rsplit("/", 1)[-1]
     assert repository.startswith("Slicer") and not "DTNRegistration".startswith("Slicer")
+
+
+def test_panel_defaults_match_the_engine(source):
+    """The panel's refinement default is the command line's, so both faces give the same result by default."""
+    from DTNRegistrationLib import registration
+
+    for node in source.body:
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list
+        ):
+            defaults = {
+                item.target.id: ast.literal_eval(item.value)
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and item.value is not None and isinstance(item.value, ast.Constant)
+            }
+            assert defaults["refineSteps"] == registration.DEFAULT_REFINE_STEPS
+            return
+    raise AssertionError("no @parameterNodeWrapper class in the module")
