@@ -126,9 +126,13 @@ def register(
 
     stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
     velocity, torch_device = _predict(loaded, moving_grid, fixed_grid, alpha, torch_device)
+    refine_info = {"refine_steps": refine}
     if refine:
         stages.begin("refine", 0.4, f"refining ({refine} steps)")
-        velocity = _refine(loaded, velocity, moving_grid, fixed_grid, mask_grid, alpha, refine, torch_device, stages)
+        velocity, refine_start = _refine(
+            loaded, velocity, moving_grid, fixed_grid, mask_grid, alpha, refine, torch_device, stages
+        )
+        refine_info["refine_start"] = refine_start
 
     stages.begin("outputs", 0.85, "building the deformation on the fixed grid")
     with torch.inference_mode():
@@ -146,7 +150,7 @@ def register(
 
     stages.begin("labels", 0.95, "propagating labels")
     warped_labels = None
-    report = _field_metrics(jac_array, mask)
+    report = {**_field_metrics(jac_array, mask), **refine_info}
     if moving_labels is not None:
         warped_labels = sitk.Resample(
             moving_labels, fixed, _as_transform(displacement), sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID()
@@ -212,7 +216,7 @@ def _predict(loaded: LoadedModel, moving: sitk.Image, fixed: sitk.Image, alpha: 
         return _predict(loaded, moving, fixed, alpha, torch.device("cpu"))
 
 
-def _refine(loaded, velocity, moving, fixed, mask, alpha, steps, device, stages) -> torch.Tensor:
+def _refine(loaded, velocity, moving, fixed, mask, alpha, steps, device, stages) -> tuple[torch.Tensor, str]:
     def on_step(step: int, loss: float) -> None:
         stages.check_cancel()
         if stages.progress is not None:
