@@ -85,9 +85,10 @@ def _one_mm(image: sitk.Image) -> sitk.Image:
     return grid
 
 
-def run_dtn(pair: dict, out: Path, refine: int, model: str | None) -> tuple[float, float]:
+def run_dtn(pair: dict, out: Path, refine: int, args) -> tuple[float, float]:
     command = [sys.executable, "-m", "DTNRegistrationLib.cli", "register", "--quiet", "--output-dir", str(out)]
-    command += ["--refine", str(refine)] + (["--model", model] if model else [])
+    command += ["--refine", str(refine)] + (["--model", args.model] if args.model else [])
+    command += ["--refine-similarity", args.refine_similarity] if args.refine_similarity else []
     for key in ("moving", "fixed", "moving_labels", "fixed_labels"):
         command += [f"--{key.replace('_', '-')}", str(pair[key])]
     start = time.perf_counter()
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--refine", type=int, nargs="+", default=[0])
     parser.add_argument("--no-syn", action="store_true")
     parser.add_argument("--model", help="weights file or shipped model name (default: the default model)")
+    parser.add_argument("--refine-similarity", choices=["l1", "mse", "ncc"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dtnreg-bench-") as tmp:
         tmp = Path(tmp)
@@ -129,7 +131,7 @@ def main() -> None:
         for i, pair in enumerate(pairs):
             row = {"pair": pair["name"], "dice_before": _dice_identity(pair)}
             for refine in args.refine:
-                runs = [run_dtn(pair, tmp / f"dtn{i}_{refine}_{r}", refine, args.model) for r in range(args.repeats)]
+                runs = [run_dtn(pair, tmp / f"dtn{i}_{refine}_{r}", refine, args) for r in range(args.repeats)]
                 row[f"dtn_refine{refine}"] = (statistics.median(t for t, _ in runs), runs[-1][1])
             if not args.no_syn:
                 (tmp / f"syn{i}").mkdir()

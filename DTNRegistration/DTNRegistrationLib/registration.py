@@ -17,6 +17,7 @@ import torch
 
 from . import imaging, metrics
 from .imaging import InputError
+from .losses import SIMILARITIES
 from .models import LoadedModel, load_model
 from .refinement import refine_velocity
 
@@ -91,6 +92,7 @@ def register(
     device: str = "auto",
     model: str | LoadedModel | None = None,
     refine: int | None = None,
+    refine_similarity: str | None = None,
     affine: bool = True,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -126,11 +128,14 @@ def register(
 
     stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
     velocity, torch_device = _predict(loaded, moving_grid, fixed_grid, alpha, torch_device)
-    refine_info = {"refine_steps": refine}
+    refine_similarity = refine_similarity or loaded.info.get("similarity", "l1")
+    if refine_similarity not in SIMILARITIES:
+        raise InputError(f"unknown refinement similarity {refine_similarity!r}; choose one of {sorted(SIMILARITIES)}")
+    refine_info = {"refine_steps": refine, "refine_similarity": refine_similarity}
     if refine:
         stages.begin("refine", 0.4, f"refining ({refine} steps)")
         velocity, refine_start = _refine(
-            loaded, velocity, moving_grid, fixed_grid, mask_grid, alpha, refine, torch_device, stages
+            loaded, velocity, moving_grid, fixed_grid, mask_grid, alpha, refine, refine_similarity, torch_device, stages
         )
         refine_info["refine_start"] = refine_start
 
@@ -216,7 +221,9 @@ def _predict(loaded: LoadedModel, moving: sitk.Image, fixed: sitk.Image, alpha: 
         return _predict(loaded, moving, fixed, alpha, torch.device("cpu"))
 
 
-def _refine(loaded, velocity, moving, fixed, mask, alpha, steps, device, stages) -> tuple[torch.Tensor, str]:
+def _refine(
+    loaded, velocity, moving, fixed, mask, alpha, steps, similarity, device, stages
+) -> tuple[torch.Tensor, str]:
     def on_step(step: int, loss: float) -> None:
         stages.check_cancel()
         if stages.progress is not None:
@@ -229,7 +236,7 @@ def _refine(loaded, velocity, moving, fixed, mask, alpha, steps, device, stages)
             _tensor(fixed, device),
             alpha,
             steps,
-            similarity=loaded.info.get("similarity", "l1"),
+            similarity=similarity,
             mask=None if mask is None else _tensor(mask, device),
             integration_steps=loaded.config.integration_steps,
             on_step=on_step,
