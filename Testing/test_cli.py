@@ -225,3 +225,10 @@ def test_scene_option_writes_an_mrb_that_loads_back(files, tmp_path):
     assert context.scene.ReadFromMRB(str(scene_path))
     names = {context.scene.GetNthNode(i).GetName() for i in range(context.scene.GetNumberOfNodes())}
     assert {"moving", "fixed", "moving to fixed DTN transform", "moving warped to fixed"} <= names
+
+
+def test_refinement_options_reach_the_report(files, tmp_path):
+    assert run(files, tmp_path / "o", "--refine", "2", "--refine-similarity", "ncc") == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["metrics"]["refine_steps"] == 2 and report["metrics"]["refine_similarity"] == "ncc"
+    assert report["metrics"]["refine_start"] in ("network", "identity") and "refine" in report["timings_s"]
