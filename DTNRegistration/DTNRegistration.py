@@ -74,8 +74,8 @@ Deformable (diffeomorphic) registration of brain MRI with a Dual Transformer Net
 <p>A 3D U-Net encodes the moving and the fixed image separately and together; two transformers relate the
 two images globally (one across the separate images, one over their concatenation); a decoder predicts a
 stationary velocity field v, integrated by scaling and squaring into the deformation exp(v), which is
-invertible (diffeomorphic). Optional test-time refinement optimises the same loss (L1 similarity + alpha times
-the velocity's smoothness) on the pair.</p>
+invertible (diffeomorphic). Test-time refinement (25 steps by default) then optimises the velocity on this pair
+(local normalised cross-correlation + alpha times the velocity's smoothness).</p>
 <p><b>Inputs</b>: a moving and a fixed volume (any orientation; an affine initialisation runs first),
 optionally a segmentation of the moving volume to propagate and a mask of the fixed volume.
 <b>Smoothness (alpha)</b>: larger gives smoother deformations and fewer folding voxels.
@@ -174,7 +174,7 @@ class DTNRegistrationParameterNode:
     alpha: Annotated[float, WithinRange(*ALPHA_RANGE)] = DEFAULT_ALPHA
     device: Annotated[str, Choice(DEVICES)] = "auto"
     model: str = ""
-    refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
+    refineSteps: Annotated[int, WithinRange(0, 1000)] = 25
     affine: bool = True
     mask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     outputTransform: Optional[vtkMRMLGridTransformNode]

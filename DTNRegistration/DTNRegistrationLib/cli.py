@@ -27,9 +27,9 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="smoothness weight (default: the model's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--model", default=None, help="shipped model name or a .safetensors path")
-    parser.add_argument("--refine", type=int, default=None, help="test-time optimisation steps")
+    parser.add_argument("--refine", type=int, default=None, help="test-time optimisation steps (default: 25)")
     parser.add_argument(
-        "--refine-similarity", choices=["l1", "mse", "ncc"], help="similarity of the refinement (default: the model's)"
+        "--refine-similarity", choices=["l1", "mse", "ncc"], help="similarity of the refinement (default: ncc)"
     )
     parser.add_argument("--no-affine", action="store_true", help="skip the affine initialisation")
     parser.add_argument("--format", default=".nii.gz", help="output image format: .nii.gz, .nii, .nrrd, .mha")
