@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="shipped model name or weights file (default: the default)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"PNG to write (default: {OUTPUT})")
-    parser.add_argument("--refine", type=int, default=None, help="test-time refinement steps (default: none)")
+    parser.add_argument("--refine", type=int, default=None, help="test-time refinement steps (default: the engine's)")
     args = parser.parse_args()
 
     context = mrml.create_headless_scene()
