@@ -25,6 +25,27 @@ def objective(
     )
 
 
+def better_start(
+    velocity: torch.Tensor,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    alpha: float,
+    similarity: str = "l1",
+    mask: torch.Tensor | None = None,
+    integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
+) -> tuple[torch.Tensor, str]:
+    """The network's velocity, or zero when no deformation scores better on :func:`objective`.
+
+    A safeguard: a model that does not suit this pair's images never makes the result worse, on the pair's own
+    objective, than the affine initialisation alone. Returns the field and ``"network"`` or ``"identity"``.
+    """
+    with torch.no_grad():
+        zero = torch.zeros_like(velocity)
+        network = float(objective(velocity, moving, fixed, alpha, similarity, mask, integration_steps))
+        identity = float(objective(zero, moving, fixed, alpha, similarity, mask, integration_steps))
+    return (velocity, "network") if network <= identity else (zero, "identity")
+
+
 def refine_velocity(
     velocity: torch.Tensor,
     moving: torch.Tensor,
@@ -36,27 +57,18 @@ def refine_velocity(
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
     learning_rate: float = 0.05,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[torch.Tensor, str]:
-    """Minimise :func:`objective` over ``v`` by Adam (voxel units), from the better of ``velocity`` and zero.
+) -> torch.Tensor:
+    """Minimise :func:`objective` over ``v`` by Adam (voxel units), starting from ``velocity``.
 
-    Starting from zero when the network's prediction scores worse than no deformation keeps a model that
-    does not suit this pair's images from steering the optimisation. Returns the field and its start
-    (``"network"`` or ``"identity"``). ``on_step(step, loss)`` runs after every step (progress; cancel by raising).
+    ``on_step(step, loss)`` runs after every step (progress; cancel by raising).
     """
-
-    def loss_of(v: torch.Tensor) -> torch.Tensor:
-        return objective(v, moving, fixed, alpha, similarity, mask, integration_steps)
-
-    with torch.no_grad():
-        zero = torch.zeros_like(velocity)
-        start = "network" if float(loss_of(velocity)) <= float(loss_of(zero)) else "identity"
-    v = (velocity if start == "network" else zero).detach().clone().requires_grad_(True)
+    v = velocity.detach().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([v], lr=learning_rate)
     for step in range(steps):
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_of(v)
+        loss = objective(v, moving, fixed, alpha, similarity, mask, integration_steps)
         loss.backward()
         optimiser.step()
         if on_step is not None:
             on_step(step, float(loss.detach()))
-    return v.detach(), start
+    return v.detach()

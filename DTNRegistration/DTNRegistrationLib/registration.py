@@ -19,7 +19,7 @@ from . import imaging, metrics
 from .imaging import InputError
 from .losses import SIMILARITIES
 from .models import LoadedModel, load_model
-from .refinement import refine_velocity
+from .refinement import better_start, refine_velocity
 
 # Test-time refinement by default: the shipped network alone is close to the identity after its short CPU training
 # (see its model card), and 25 steps of local NCC scored best for the time on the 1 mm development pairs
@@ -135,13 +135,14 @@ def register(
     refine_similarity = refine_similarity or DEFAULT_REFINE_SIMILARITY
     if refine_similarity not in SIMILARITIES:
         raise InputError(f"unknown refinement similarity {refine_similarity!r}; choose one of {sorted(SIMILARITIES)}")
-    refine_info = {"refine_steps": refine, "refine_similarity": refine_similarity}
+    pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
+    mask_t = None if mask_grid is None else _tensor(mask_grid, torch_device)
+    steps = loaded.config.integration_steps
+    velocity, origin = better_start(velocity, *pair, alpha, refine_similarity, mask_t, steps)
+    refine_info = {"start": origin, "refine_steps": refine, "refine_similarity": refine_similarity}
     if refine:
         stages.begin("refine", 0.4, f"refining ({refine} steps)")
-        velocity, refine_start = _refine(
-            loaded, velocity, moving_grid, fixed_grid, mask_grid, alpha, refine, refine_similarity, torch_device, stages
-        )
-        refine_info["refine_start"] = refine_start
+        velocity = _refine(velocity, pair, mask_t, alpha, refine, refine_similarity, steps, stages)
 
     stages.begin("outputs", 0.85, "building the deformation on the fixed grid")
     with torch.inference_mode():
@@ -225,26 +226,14 @@ def _predict(loaded: LoadedModel, moving: sitk.Image, fixed: sitk.Image, alpha: 
         return _predict(loaded, moving, fixed, alpha, torch.device("cpu"))
 
 
-def _refine(
-    loaded, velocity, moving, fixed, mask, alpha, steps, similarity, device, stages
-) -> tuple[torch.Tensor, str]:
+def _refine(velocity, pair, mask, alpha, steps, similarity, integration_steps, stages) -> torch.Tensor:
     def on_step(step: int, loss: float) -> None:
         stages.check_cancel()
         if stages.progress is not None:
             stages.progress(0.4 + 0.45 * (step + 1) / steps, f"refining: step {step + 1}/{steps}, loss {loss:.4f}")
 
     with torch.enable_grad():
-        return refine_velocity(
-            velocity.clone(),
-            _tensor(moving, device),
-            _tensor(fixed, device),
-            alpha,
-            steps,
-            similarity=similarity,
-            mask=None if mask is None else _tensor(mask, device),
-            integration_steps=loaded.config.integration_steps,
-            on_step=on_step,
-        )
+        return refine_velocity(velocity, *pair, alpha, steps, similarity, mask, integration_steps, on_step=on_step)
 
 
 def _field_image(u: torch.Tensor, reference: sitk.Image, taper: int = EDGE_TAPER_VOXELS) -> sitk.Image:
