@@ -1,0 +1,36 @@
+"""The shipped model and the README's first command: what a newcomer runs must work from the repository."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from DTNRegistrationLib import cli, models
+
+
+def test_default_model_is_registered_loads_and_matches_its_checksum():
+    registry = models.registry()
+    name = registry["default"]
+    entry = registry["models"][name]
+    assert models.sha256_file(models.MODELS_DIR / entry["file"]) == entry["sha256"]
+    loaded = models.load_model()
+    assert loaded.name == name and loaded.sha256 == entry["sha256"]
+    assert loaded.config.to_dict() == entry["config"] and loaded.spacing_mm == entry["spacing_mm"]
+    assert (models.MODELS_DIR / "MODEL_CARD.md").read_text().count(entry["sha256"]) == 1
+
+
+def test_demo_writes_every_output_and_the_figure(tmp_path):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--output-dir", str(out), "--quiet", "--refine", "2"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "warped_labels.nii.gz", "summary.png"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["name"] == models.registry()["default"]
+    assert report["metrics"]["dice_mean"] > 0.45  # tissue classes after affine + refinement (0.50 after affine alone)
+
+
+@pytest.mark.parametrize("bad", ["no-such-model", "missing.safetensors"])
+def test_unknown_models_are_refused(bad):
+    with pytest.raises(models.ModelError):
+        models.load_model(bad)
