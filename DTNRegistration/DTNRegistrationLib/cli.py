@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 bad input (one line on stderr naming the file and the p
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -193,19 +192,15 @@ def cmd_register(args) -> int:
 
 def _batch_rows(args) -> list[dict]:
     if args.pairs:
-        path = Path(args.pairs)
-        if not path.is_file():
-            raise InputError(f"pairs file {path}: file not found")
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows or not {"moving", "fixed"} <= set(rows[0]):
-            raise InputError(f"pairs file {path}: needs a header with at least the columns moving,fixed")
-        base = path.parent
-        for row in rows:
-            for key in ("moving", "fixed", "moving_labels", "fixed_labels", "mask"):
-                if row.get(key):
-                    row[key] = str(base / row[key]) if not Path(row[key]).is_absolute() else row[key]
-        return rows
+        from .evaluation import pairs_from_csv  # the same CSV layout as `dtnreg evaluate`
+
+        return [
+            {
+                **{k: None if v is None else str(v) for k, v in vars(spec).items()},
+                "name": spec.name.replace("->", "_to_"),
+            }
+            for spec in pairs_from_csv(args.pairs)
+        ]
     if args.fixed and args.moving:
         return [{"moving": m, "fixed": args.fixed} for m in args.moving]
     raise InputError("batch needs --pairs CSV, or --fixed ATLAS with --moving IMAGES")
