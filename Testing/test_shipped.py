@@ -16,7 +16,8 @@ def test_default_model_is_registered_loads_and_matches_its_checksum():
     assert models.sha256_file(models.MODELS_DIR / entry["file"]) == entry["sha256"]
     loaded = models.load_model()
     assert loaded.name == name and loaded.sha256 == entry["sha256"]
-    assert loaded.config.to_dict() == entry["config"] and loaded.spacing_mm == entry["spacing_mm"]
+    assert json.loads(json.dumps(loaded.config.to_dict())) == entry["config"]
+    assert loaded.spacing_mm == entry["spacing_mm"]
     assert (models.MODELS_DIR / "MODEL_CARD.md").read_text().count(entry["sha256"]) == 1
 
 

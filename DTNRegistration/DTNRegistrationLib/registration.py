@@ -230,7 +230,9 @@ def _refine(velocity, pair, mask, alpha, steps, similarity, integration_steps, s
     def on_step(step: int, loss: float) -> None:
         stages.check_cancel()
         if stages.progress is not None:
-            stages.progress(0.4 + 0.45 * (step + 1) / steps, f"refining: step {step + 1}/{steps}, loss {loss:.4f}")
+            stages.progress(
+                round(0.4 + 0.45 * (step + 1) / steps, 6), f"refining: step {step + 1}/{steps}, loss {loss:.4f}"
+            )
 
     with torch.enable_grad():
         return refine_velocity(velocity, *pair, alpha, steps, similarity, mask, integration_steps, on_step=on_step)
