@@ -201,3 +201,21 @@ def test_field_is_tapered_to_zero_at_the_model_grid_edge():
     assert window[0].max() == 0 and window[:, -1].max() == 0 and window[..., 0].max() == 0
     assert window[3:-3, 3:-3, 3:-3].min() == 1.0
     assert np.all(np.diff(window[:6, 8, 5]) >= 0)  # a monotone ramp, no overshoot
+
+
+def test_bad_options_are_refused_before_any_work(known_pair, tiny_model):
+    calls = []
+    for options, message in (
+        ({"refine_similarity": "cc"}, "unknown refinement similarity 'cc'"),
+        ({"refine": -1}, "refine steps must be >= 0"),
+        ({"alpha": 0.0}, "alpha must be a positive number"),
+    ):
+        with pytest.raises(InputError, match=message):
+            registration.register(
+                known_pair["moving"],
+                known_pair["fixed"],
+                model=tiny_model,
+                progress=lambda f, m: calls.append(m),
+                **options,
+            )
+    assert "affine initialisation" not in calls

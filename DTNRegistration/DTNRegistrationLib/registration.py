@@ -116,6 +116,9 @@ def register(
     refine = DEFAULT_REFINE_STEPS if refine is None else int(refine)
     if refine < 0:
         raise InputError(f"refine steps must be >= 0, got {refine}")
+    refine_similarity = refine_similarity or DEFAULT_REFINE_SIMILARITY
+    if refine_similarity not in SIMILARITIES:
+        raise InputError(f"unknown refinement similarity {refine_similarity!r}; choose one of {sorted(SIMILARITIES)}")
 
     stages.begin("affine", 0.05, "affine initialisation")
     fixed_fg = imaging.foreground_mask(fixed) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
@@ -132,9 +135,6 @@ def register(
 
     stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
     velocity, torch_device = _predict(loaded, moving_grid, fixed_grid, alpha, torch_device)
-    refine_similarity = refine_similarity or DEFAULT_REFINE_SIMILARITY
-    if refine_similarity not in SIMILARITIES:
-        raise InputError(f"unknown refinement similarity {refine_similarity!r}; choose one of {sorted(SIMILARITIES)}")
     pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
     mask_t = None if mask_grid is None else _tensor(mask_grid, torch_device)
     steps = loaded.config.integration_steps
