@@ -172,7 +172,7 @@ def test_failure_while_writing_leaves_no_partial_output(files, tmp_path, monkeyp
 
     monkeypatch.setattr(sitk, "WriteImage", write_then_interrupt)
     assert run(files, tmp_path / "out") == 1
-    assert len(calls) == 2 and list((tmp_path / "out").iterdir()) == []
+    assert len(calls) >= 2 and list((tmp_path / "out").iterdir()) == []
 
 
 def test_batch_from_csv_and_atlas(files, tmp_path):
