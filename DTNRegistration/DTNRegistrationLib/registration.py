@@ -134,8 +134,11 @@ def register(
     mask_grid = imaging.resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference) if mask is not None else None
 
     stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
-    velocity, torch_device = _predict(loaded, moving_grid, fixed_grid, alpha, torch_device)
     pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
+    velocity = _predict(loaded, *pair, alpha)
+    if velocity.device.type != torch_device.type:  # the network fell back to the CPU: so does everything after it
+        torch_device = velocity.device
+        pair = tuple(t.to(torch_device) for t in pair)
     mask_t = None if mask_grid is None else _tensor(mask_grid, torch_device)
     steps = loaded.config.integration_steps
     velocity, origin = better_start(velocity, *pair, alpha, refine_similarity, mask_t, steps)
@@ -188,15 +191,17 @@ def register(
 
 
 def _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask):
+    checked = []
     for what, image in (("moving image", moving), ("fixed image", fixed)):
         if not isinstance(image, sitk.Image):
             raise InputError(f"{what}: expected a SimpleITK image, got {type(image).__name__}")
         image = imaging.squeeze_to_3d(image, what)
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{what}: has {image.GetNumberOfComponentsPerPixel()} components; expected a scalar")
-        imaging.check_image(sitk.Cast(image, sitk.sitkFloat32), what)
-    moving = sitk.Cast(imaging.squeeze_to_3d(moving, "moving image"), sitk.sitkFloat32)
-    fixed = sitk.Cast(imaging.squeeze_to_3d(fixed, "fixed image"), sitk.sitkFloat32)
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        imaging.check_image(image, what)
+        checked.append(image)
+    moving, fixed = checked
     if moving_labels is not None:
         imaging.check_labels(moving_labels, "moving labels", moving)
     if fixed_labels is not None:
@@ -212,18 +217,18 @@ def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(sitk.GetArrayFromImage(image)).to(device)[None, None]
 
 
-def _predict(loaded: LoadedModel, moving: sitk.Image, fixed: sitk.Image, alpha: float, device: torch.device):
-    """Network velocity; a CUDA out-of-memory falls back to the CPU with a warning."""
+def _predict(loaded: LoadedModel, moving: torch.Tensor, fixed: torch.Tensor, alpha: float):
+    """Network velocity on the tensors' device; a CUDA out-of-memory falls back to the CPU with a warning."""
     try:
-        loaded.model.to(device)
+        loaded.model.to(moving.device)
         with torch.inference_mode():
-            return loaded.model(_tensor(moving, device), _tensor(fixed, device), alpha), device
+            return loaded.model(moving, fixed, alpha)
     except torch.cuda.OutOfMemoryError:
         import warnings
 
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=3)
         torch.cuda.empty_cache()
-        return _predict(loaded, moving, fixed, alpha, torch.device("cpu"))
+        return _predict(loaded, moving.cpu(), fixed.cpu(), alpha)
 
 
 def _refine(velocity, pair, mask, alpha, steps, similarity, integration_steps, stages) -> torch.Tensor:
