@@ -152,3 +152,16 @@ def test_model_overfits_one_pair():
     assert history[-1] < 0.6 * history[0]
     assert after > before + 0.05, (before, after)
     assert count_parameters(model) > 0
+
+
+def test_features_keep_their_scale_down_to_the_velocity_head():
+    """He initialisation: the decoder's features reach the head at the input's scale, not at ~1 % of it (PyTorch's
+    default convolution initialisation), which left a near-zero head unable to grow in the paper's step budget."""
+    torch.manual_seed(0)
+    model = build_model(DTNConfig(alpha_conditioned=False))
+    seen = {}
+    model.velocity_head.register_forward_hook(lambda module, inputs, output: seen.update(std=inputs[0].std().item()))
+    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        model(moving, fixed)
+    assert seen["std"] > 0.3 * float(moving.std())

@@ -214,6 +214,13 @@ class DTN(nn.Module):
             self.full_block = _conv(dec[3] + skips[3], dec[3])
             widths.append(dec[3])
         self.film = AlphaFiLM(tuple(widths)) if cfg.alpha_conditioned else None
+        # He initialisation keeps the feature scale through the ten LeakyReLU convolutions; with PyTorch's
+        # default (gain 1/3 in variance per layer) the decoder's features reach the head at ~1 % of the
+        # input's scale, and a near-zero head then needs tens of thousands of Adam steps to produce voxels.
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.kaiming_normal_(module.weight, a=0.2, nonlinearity="leaky_relu")
+                nn.init.zeros_(module.bias)
         self.velocity_head = nn.Conv3d(dec[3], 3, 3, padding=1)
         nn.init.normal_(self.velocity_head.weight, std=1e-5)
         nn.init.zeros_(self.velocity_head.bias)
