@@ -183,6 +183,24 @@ def model_reference(
     return reference
 
 
+def coarser_grid(reference: sitk.Image, factor: int) -> sitk.Image:
+    """The grid covering the same extent as ``reference`` with ``factor`` times its spacing.
+
+    Voxel centres relate as in a stride-``factor`` pyramid (each coarse voxel is the centre of a
+    ``factor``-cube of fine ones), the convention of ``spatial.resize_field``.
+    """
+    size = reference.GetSize()
+    if factor < 1 or any(n % factor for n in size):
+        raise ValueError(f"grid size {size} is not divisible by {factor}")
+    spacing = np.array(reference.GetSpacing())
+    coarse = sitk.Image([n // factor for n in size], sitk.sitkFloat32)
+    coarse.SetSpacing(tuple(spacing * factor))
+    coarse.SetDirection(reference.GetDirection())
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    coarse.SetOrigin(tuple(np.array(reference.GetOrigin()) + direction @ (spacing * (factor - 1) / 2.0)))
+    return coarse
+
+
 def resample(
     image: sitk.Image,
     reference: sitk.Image,

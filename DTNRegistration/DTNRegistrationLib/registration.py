@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import imaging, metrics
+from . import imaging, metrics, spatial
 from .imaging import InputError
 from .losses import SIMILARITIES
 from .models import LoadedModel, load_model
@@ -27,6 +27,9 @@ from .refinement import better_start, refine_velocity
 DEFAULT_REFINE_STEPS = 25
 DEFAULT_REFINE_SIMILARITY = "ncc"
 EDGE_TAPER_VOXELS = 3
+# Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
+# times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
+WORK_SPACING_MM = 2.0
 
 
 class Cancelled(Exception):
@@ -128,14 +131,28 @@ def register(
         transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg)
 
     stages.begin("preprocess", 0.2, "resampling onto the model grid")
-    reference = imaging.model_reference(fixed, loaded.spacing_mm, mask=fixed_fg)
-    fixed_grid = imaging.resample(imaging.normalize_intensity(fixed, fixed_fg), reference)
-    moving_grid = imaging.resample(imaging.normalize_intensity(moving, moving_fg), reference, transform=transform)
+    factor = work_grid_factor(loaded.spacing_mm)
+    reference = imaging.model_reference(
+        fixed, loaded.spacing_mm / factor, multiple=imaging.SIZE_MULTIPLE * factor, mask=fixed_fg
+    )
+    fixed_norm = imaging.normalize_intensity(fixed, fixed_fg)
+    moving_norm = imaging.normalize_intensity(moving, moving_fg)
+    fixed_grid = imaging.resample(fixed_norm, reference)
+    moving_grid = imaging.resample(moving_norm, reference, transform=transform)
     mask_grid = imaging.resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference) if mask is not None else None
 
     stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
     pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
-    velocity = _predict(loaded, *pair, alpha)
+    network_pair = pair
+    if factor > 1:  # the network's own (coarser) grid, resampled from the originals as in training
+        coarse = imaging.coarser_grid(reference, factor)
+        network_pair = (
+            _tensor(imaging.resample(moving_norm, coarse, transform=transform), torch_device),
+            _tensor(imaging.resample(fixed_norm, coarse), torch_device),
+        )
+    velocity = _predict(loaded, *network_pair, alpha)
+    if factor > 1:  # onto the work grid's velocity grid, voxel units rescaled
+        velocity = spatial.resize_field(velocity, tuple(n * factor for n in velocity.shape[2:]))
     if velocity.device.type != torch_device.type:  # the network fell back to the CPU: so does everything after it
         torch_device = velocity.device
         pair = tuple(t.to(torch_device) for t in pair)
@@ -188,6 +205,13 @@ def register(
         alpha=alpha,
         affine=transform,
     )
+
+
+def work_grid_factor(network_spacing_mm: float) -> int:
+    """How many work-grid voxels one network voxel spans along each axis (1: the network's grid is the work grid)."""
+    ratio = network_spacing_mm / WORK_SPACING_MM
+    factor = round(ratio)
+    return factor if factor > 1 and abs(ratio - factor) < 1e-6 else 1
 
 
 def _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask):
@@ -327,4 +351,4 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
-__all__ = ["Cancelled", "RegistrationResult", "register", "resolve_device"]
+__all__ = ["Cancelled", "RegistrationResult", "register", "resolve_device", "work_grid_factor"]
