@@ -17,15 +17,13 @@ from conftest import image_from_labels, phantom_labels, tiny_config
 
 from DTNRegistrationLib import cli, models
 from DTNRegistrationLib.baselines import Identity, parse_method, parse_methods
-from DTNRegistrationLib.evaluation import (
+from DTNRegistrationLib.evaluation import evaluate
+from DTNRegistrationLib.evaluation_inputs import (
     PairSpec,
     check_pairs,
-    evaluate,
-    hd95,
     pairs_from_atlas,
     pairs_from_csv,
     pairs_from_dataset_json,
-    surface,
 )
 from DTNRegistrationLib.evaluation_report import (
     load_label_table,
@@ -34,6 +32,7 @@ from DTNRegistrationLib.evaluation_report import (
     paired_ttest,
     student_t_two_sided_p,
 )
+from DTNRegistrationLib.evaluation_scores import hd95, surface
 from DTNRegistrationLib.imaging import InputError
 from DTNRegistrationLib.network import build_model
 

@@ -673,3 +673,15 @@ def test_scene_for_the_command_line_from_images(engine_run, tmp_path):
     summary = _scene_summary(reloaded.scene)
     assert summary["moving warped to fixed"] == "vtkMRMLScalarVolumeNode"
     assert summary["moving segmentation on fixed"] == "vtkMRMLSegmentationNode"
+
+
+def test_a_headless_scene_removes_its_temporary_cache_folder():
+    import gc
+    from pathlib import Path
+
+    context = mrml.create_headless_scene()
+    folder = Path(context.keep_alive[0].GetRemoteCacheDirectory())
+    assert folder.is_dir() and folder.name.startswith("dtnreg-cache-")
+    del context
+    gc.collect()
+    assert not folder.exists()

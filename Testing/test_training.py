@@ -12,7 +12,7 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 import torch.multiprocessing as mp
 
-from DTNRegistrationLib import data, models, training
+from DTNRegistrationLib import checkpoints, data, models, run_log, train_cli, training
 from DTNRegistrationLib.models import ModelError
 from DTNRegistrationLib.training import TrainConfig
 
@@ -40,7 +40,7 @@ def tiny_cfg(out: Path, **kw) -> TrainConfig:
 
 
 def losses_by_step(out: Path) -> dict[int, float]:
-    return {int(r["step"]): float(r["loss"]) for r in training.read_log(out) if r["source"] != "validation"}
+    return {int(r["step"]): float(r["loss"]) for r in run_log.read_log(out) if r["source"] != "validation"}
 
 
 def write_heads(folder: Path, n: int = 2) -> Path:
@@ -87,9 +87,9 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     trainer.run()
     after = _similarity(trainer, pair)
     assert after < 0.85 * before, (before, after)
-    rows = [r for r in training.read_log(tmp_path / "run") if r["source"] == "synthetic"]
+    rows = [r for r in run_log.read_log(tmp_path / "run") if r["source"] == "synthetic"]
     assert len(rows) == 15 and all(r["dice_loss"] != "" for r in rows)
-    assert (tmp_path / "run" / training.FINAL_WEIGHTS).is_file()
+    assert (tmp_path / "run" / checkpoints.FINAL_WEIGHTS).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -102,28 +102,28 @@ def test_resume_continues_exactly(tmp_path):
     training.train(tiny_cfg(full, **common))
     part = tmp_path / "part"
     training.train(tiny_cfg(part, max_steps=2, **common))
-    args = training.parse_args(["--resume", str(part), "--max-steps", "4"])
-    assert training.main(args) == 0
+    args = train_cli.parse_args(["--resume", str(part), "--max-steps", "4"])
+    assert train_cli.main(args) == 0
     a, b = losses_by_step(full), losses_by_step(part)
     assert sorted(b) == [1, 2, 3, 4]
-    sources = {r["source"] for r in training.read_log(full)}
+    sources = {r["source"] for r in run_log.read_log(full)}
     assert {"real", "synthetic", "validation"} <= sources, sources  # every path of a step is exercised
     for step in (1, 2, 3, 4):
         assert b[step] == pytest.approx(a[step], abs=1e-6, rel=0), step
-    wa = models.read_weights(full / training.FINAL_WEIGHTS)[0]
-    wb = models.read_weights(part / training.FINAL_WEIGHTS)[0]
+    wa = models.read_weights(full / checkpoints.FINAL_WEIGHTS)[0]
+    wb = models.read_weights(part / checkpoints.FINAL_WEIGHTS)[0]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
 def test_state_is_weights_only_and_complete(tmp_path):
     training.train(tiny_cfg(tmp_path, max_steps=2))
-    state = torch.load(tmp_path / training.STATE_FILE, weights_only=True)
+    state = torch.load(tmp_path / checkpoints.STATE_FILE, weights_only=True)
     assert state["step"] == 2
     assert {"python", "numpy", "torch", "data"} <= set(state["rng"][0])
     assert state["optimizer"]["state"]
-    info = models.read_weights(tmp_path / training.LAST_WEIGHTS)[2]
+    info = models.read_weights(tmp_path / checkpoints.LAST_WEIGHTS)[2]
     assert info["step"] == 2 and info["spacing_mm"] == 2.0 and "synthetic" in info["training_data"]
-    loaded = models.load_weights(tmp_path / training.FINAL_WEIGHTS)
+    loaded = models.load_weights(tmp_path / checkpoints.FINAL_WEIGHTS)
     assert loaded.config.variant == "dtn" and loaded.config.alpha_conditioned
 
 
@@ -138,16 +138,16 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_truncated_state_is_refused(trained, tmp_path):
-    bad = tmp_path / training.STATE_FILE
-    bad.write_bytes((trained / training.STATE_FILE).read_bytes()[:5000])
+    bad = tmp_path / checkpoints.STATE_FILE
+    bad.write_bytes((trained / checkpoints.STATE_FILE).read_bytes()[:5000])
     with pytest.raises(ModelError, match="damaged or truncated"):
-        training.load_state(tmp_path)
+        checkpoints.load_state(tmp_path)
     with pytest.raises(ModelError, match="not found"):
-        training.load_state(tmp_path / "nothing")
+        checkpoints.load_state(tmp_path / "nothing")
 
 
 def test_corrupted_weights_are_refused(trained, tmp_path):
-    weights = trained / training.FINAL_WEIGHTS
+    weights = trained / checkpoints.FINAL_WEIGHTS
     with pytest.raises(ModelError, match="does not match"):
         models.load_weights(weights, expected_sha256="0" * 64)
     bad = tmp_path / "bad.safetensors"
@@ -160,19 +160,19 @@ def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
     with pytest.raises(ModelError, match="another architecture.*variant"):
         training.Trainer(tiny_cfg(tmp_path / "r", resume=str(trained), variant="none"))
     with pytest.raises(ModelError, match="another architecture"):
-        training.Trainer(tiny_cfg(tmp_path / "i", init=str(trained / training.FINAL_WEIGHTS), variant="dtn"))
+        training.Trainer(tiny_cfg(tmp_path / "i", init=str(trained / checkpoints.FINAL_WEIGHTS), variant="dtn"))
 
 
 def test_fine_tuning_from_weights_of_the_same_architecture(trained, tmp_path):
-    trainer = training.Trainer(tiny_cfg(tmp_path, init=str(trained / training.FINAL_WEIGHTS), variant="dtn_c"))
-    expected = models.read_weights(trained / training.FINAL_WEIGHTS)[0]
+    trainer = training.Trainer(tiny_cfg(tmp_path, init=str(trained / checkpoints.FINAL_WEIGHTS), variant="dtn_c"))
+    expected = models.read_weights(trained / checkpoints.FINAL_WEIGHTS)[0]
     assert all(torch.equal(v.cpu(), expected[k]) for k, v in trainer.core.state_dict().items())
 
 
 def test_a_write_killed_midway_leaves_the_last_checkpoint(trained, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     out.mkdir()
-    for name in (training.STATE_FILE, training.LAST_WEIGHTS, training.CONFIG_FILE, training.LOG_FILE):
+    for name in (checkpoints.STATE_FILE, checkpoints.LAST_WEIGHTS, training.CONFIG_FILE, run_log.LOG_FILE):
         (out / name).write_bytes((trained / name).read_bytes())
     trainer = training.Trainer(tiny_cfg(out, resume=str(out), variant="dtn_c", max_steps=3))
     assert trainer.step == 2
@@ -186,14 +186,14 @@ def test_a_write_killed_midway_leaves_the_last_checkpoint(trained, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint(0.0)
     monkeypatch.undo()
-    assert training.load_state(out)["step"] == 2
+    assert checkpoints.load_state(out)["step"] == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_time_limit_stops_and_saves(tmp_path):
     final = training.train(tiny_cfg(tmp_path, max_steps=1000, max_minutes=1e-4, checkpoint_every=0))
     assert final.is_file()
-    assert 1 <= training.load_state(tmp_path)["step"] < 1000
+    assert 1 <= checkpoints.load_state(tmp_path)["step"] < 1000
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -201,18 +201,18 @@ def test_time_limit_stops_and_saves(tmp_path):
 
 def test_command_line_bad_input_gives_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    args = training.parse_args(["--output-dir", str(tmp_path / "o"), "--images-dir", str(tmp_path / "empty")])
-    assert training.main(args) == 2
+    args = train_cli.parse_args(["--output-dir", str(tmp_path / "o"), "--images-dir", str(tmp_path / "empty")])
+    assert train_cli.main(args) == 2
     assert "no images" in capsys.readouterr().err
-    assert training.main(training.parse_args(["--resume", str(tmp_path / "nothing")])) == 2
+    assert train_cli.main(train_cli.parse_args(["--resume", str(tmp_path / "nothing")])) == 2
     assert "not found" in capsys.readouterr().err
 
 
 def test_command_line_options_map_onto_the_config():
-    args = training.parse_args(
+    args = train_cli.parse_args(
         ["--output-dir", "o", "--synthetic", "--shape", "32", "48", "64", "--no-alpha-conditioned", "--alpha", "0.2"]
     )
-    cfg = training.config_from_args(args)
+    cfg = train_cli.config_from_args(args)
     assert cfg.shape == (32, 48, 64) and cfg.synthetic and not cfg.alpha_conditioned and cfg.alpha == 0.2
     assert cfg.similarity == "l1" and cfg.lr == 1e-4 and cfg.betas == (0.5, 0.999) and cfg.batch_size == 1
 
@@ -243,7 +243,7 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path):
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    state = training.load_state(tmp_path)
+    state = checkpoints.load_state(tmp_path)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 3
     assert not torch.equal(state["rng"][0]["data"], state["rng"][1]["data"])  # each rank its own pairs
     init = training.Trainer(tiny_cfg(tmp_path / "fresh", device="cpu")).core.state_dict()

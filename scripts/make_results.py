@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_samples import tissue_from_probabilities, to_2mm  # noqa: E402
 
-from DTNRegistrationLib import evaluation, imaging, models, synth  # noqa: E402
+from DTNRegistrationLib import evaluation, evaluation_inputs, imaging, models, synth  # noqa: E402
 from DTNRegistrationLib.baselines import parse_methods  # noqa: E402
 from DTNRegistrationLib.evaluation_report import load_label_table  # noqa: E402
 
@@ -200,8 +200,8 @@ def method_specs(args, synthetic: bool) -> list[str]:
 
 def run_set(args, name: str, pairs_csv: Path, table: str, title: str) -> Path:
     """Evaluate one set into WORK/NAME-eval; returns its report."""
-    pairs = evaluation.pairs_from_csv(pairs_csv)
-    evaluation.check_pairs(pairs)
+    pairs = evaluation_inputs.pairs_from_csv(pairs_csv)
+    evaluation_inputs.check_pairs(pairs)
     methods = parse_methods(method_specs(args, name == "synthetic"), "cpu")
     out = args.work_dir / f"{name}-eval"
     alpha_pair = pairs[0].name

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (see the README)")
     try:
-        from .training import add_arguments
+        from .train_cli import add_arguments
 
         add_arguments(train)
     except ImportError:  # training extras missing: the subcommand says so when used
@@ -192,7 +192,7 @@ def cmd_register(args) -> int:
 
 def _batch_rows(args) -> list[dict]:
     if args.pairs:
-        from .evaluation import pairs_from_csv  # the same CSV layout as `dtnreg evaluate`
+        from .evaluation_inputs import pairs_from_csv  # the same CSV layout as `dtnreg evaluate`
 
         return [
             {
@@ -261,7 +261,7 @@ def cmd_benchmark(args) -> int:
 
 def cmd_train(args) -> int:
     try:
-        from .training import main as train_main
+        from .train_cli import main as train_main
     except ImportError as err:
         raise InputError(f"training is not available: {err}") from None
     return int(train_main(args) or 0)

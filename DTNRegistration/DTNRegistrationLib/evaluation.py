@@ -16,7 +16,6 @@ is recorded.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import platform
@@ -29,30 +28,19 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .evaluation_inputs import (
+    PairSpec,
+    check_pairs,
+    load_pair,
+    pairs_from_atlas,
+    pairs_from_csv,
+    pairs_from_dataset_json,
+)
+from .evaluation_scores import jacobian, score
 from .imaging import InputError
 
 EVAL_VERSION = 1
 DEFAULT_ALPHAS = "0.01,0.03,0.1,0.3,1"
-ROLES = ("moving", "fixed", "moving_labels", "fixed_labels", "mask")
-
-
-@dataclass
-class PairSpec:
-    """One pair to evaluate (paths); labels and the fixed-image mask are optional."""
-
-    name: str
-    moving: Path
-    fixed: Path
-    moving_labels: Path | None = None
-    fixed_labels: Path | None = None
-    mask: Path | None = None
-
-    def files(self) -> dict[str, Path]:
-        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
-
-    @property
-    def labelled(self) -> bool:
-        return self.moving_labels is not None and self.fixed_labels is not None
 
 
 @dataclass
@@ -64,269 +52,6 @@ class EvaluationRun:
     computed: int
     reused: int
     files: dict[str, Path] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-
-def _stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
-
-
-def _unique_names(pairs: list[PairSpec]) -> list[PairSpec]:
-    seen: dict[str, int] = {}
-    for pair in pairs:
-        count = seen.get(pair.name, 0)
-        seen[pair.name] = count + 1
-        if count:
-            pair.name = f"{pair.name}#{count + 1}"
-    return pairs
-
-
-def pairs_from_csv(path: str | Path) -> list[PairSpec]:
-    """Pairs from a CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,name] (paths relative to it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"pairs file {path}: file not found")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"moving", "fixed"} <= set(rows[0]):
-        raise InputError(f"pairs file {path}: needs a header with at least the columns moving,fixed")
-    base = path.parent
-
-    def resolve(value: str | None) -> Path | None:
-        return None if not value else (Path(value) if Path(value).is_absolute() else base / value)
-
-    pairs = []
-    for row in rows:
-        moving, fixed = resolve(row["moving"]), resolve(row["fixed"])
-        if moving is None or fixed is None:
-            raise InputError(f"pairs file {path}: a row has no moving or fixed image ({row})")
-        name = row.get("name") or f"{_stem(moving)}->{_stem(fixed)}"
-        pairs.append(PairSpec(name, moving, fixed, *(resolve(row.get(k)) for k in ROLES[2:])))
-    return _unique_names(pairs)
-
-
-def pairs_from_dataset_json(path: str | Path) -> list[PairSpec]:
-    """Pairs of a Learn2Reg-style dataset JSON: ``registration_val``, else consecutive ``validation`` subjects."""
-    from .data import read_dataset_json
-
-    dataset = read_dataset_json(path)
-    subjects = {str(s.image): s for s in dataset.training + dataset.validation}
-    listed = dataset.validation_pairs
-    if not listed:
-        val = dataset.validation
-        listed = [(val[i].image, val[i + 1].image) for i in range(len(val) - 1)]
-    if not listed:
-        raise InputError(f"dataset JSON {path}: no 'registration_val' pairs and fewer than 2 'validation' images")
-    pairs = []
-    for moving, fixed in listed:
-        m, f = subjects.get(str(moving)), subjects.get(str(fixed))
-        pairs.append(
-            PairSpec(
-                f"{_stem(moving)}->{_stem(fixed)}",
-                moving,
-                fixed,
-                m.label if m else None,
-                f.label if f else None,
-                f.mask if f else None,
-            )
-        )
-    return _unique_names(pairs)
-
-
-def pairs_from_atlas(
-    atlas: str | Path,
-    images_dir: str | Path,
-    atlas_labels: str | Path | None = None,
-    labels_dir: str | Path | None = None,
-    pattern: str = "*",
-    atlas_mask: str | Path | None = None,
-) -> list[PairSpec]:
-    """Every image of a folder (moving) onto one atlas (fixed); labels of the same file name in ``labels_dir``."""
-    from .data import subjects_from_folder
-
-    atlas = Path(atlas)
-    found = subjects_from_folder(images_dir, pattern, labels_dir)
-    subjects = [s for s in found if s.image.resolve() != atlas.resolve()]
-    label = Path(atlas_labels) if atlas_labels else None
-    mask = Path(atlas_mask) if atlas_mask else None
-    return _unique_names(
-        [PairSpec(f"{s.name}->{_stem(atlas)}", s.image, atlas, s.label, label, mask) for s in subjects]
-    )
-
-
-def _header(path: Path) -> tuple:
-    """Size, spacing, origin and direction from the file's header only (a singleton 4th axis dropped)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    size, spacing, origin = reader.GetSize(), reader.GetSpacing(), reader.GetOrigin()
-    direction = np.reshape(reader.GetDirection(), (len(size), len(size)))
-    if len(size) == 4 and size[3] == 1:
-        size, spacing, origin, direction = size[:3], spacing[:3], origin[:3], direction[:3, :3]
-    if len(size) != 3:
-        raise InputError(f"{path}: a {len(size)}-D image of size {size}; a 3-D volume is needed")
-    return size, np.array(spacing), np.array(origin), direction.ravel()
-
-
-def _grid_problem(labels: tuple, image: tuple, tol: float = 1e-3) -> str | None:
-    problems = []
-    if tuple(labels[0]) != tuple(image[0]):
-        problems.append(f"size {tuple(labels[0])} vs {tuple(image[0])}")
-    for name, a, b in zip(("spacing", "origin", "direction"), labels[1:], image[1:]):
-        if not np.allclose(a, b, atol=tol * max(1.0, float(np.abs(b).max()))):
-            problems.append(f"{name} {tuple(np.round(a, 3))} vs {tuple(np.round(b, 3))}")
-    return "; ".join(problems) or None
-
-
-def check_pairs(pairs: list[PairSpec]) -> None:
-    """Every file exists and is an image; every label map and mask is on its image's grid. All problems at once."""
-    if not pairs:
-        raise InputError("no pairs to evaluate")
-    problems, headers = [], {}
-    for pair in pairs:
-        for role, path in pair.files().items():
-            if path not in headers:
-                try:
-                    if not Path(path).is_file():
-                        raise InputError(f"{path}: file not found")
-                    headers[path] = _header(Path(path))
-                except (InputError, RuntimeError) as err:
-                    headers[path] = None
-                    problems.append(f"pair {pair.name}, {role.replace('_', ' ')}: {str(err).strip().splitlines()[0]}")
-        for role, image in (("moving_labels", "moving"), ("fixed_labels", "fixed"), ("mask", "fixed")):
-            path = getattr(pair, role)
-            if path is not None and headers.get(path) and headers.get(getattr(pair, image)):
-                problem = _grid_problem(headers[path], headers[getattr(pair, image)])
-                if problem:
-                    what = role.replace("_", " ")
-                    problems.append(f"pair {pair.name}, {what} {path}: does not match its {image} image ({problem})")
-    if problems:
-        raise InputError(f"{len(problems)} problem(s) with the pairs:\n  " + "\n  ".join(dict.fromkeys(problems)))
-
-
-def load_pair(pair: PairSpec):
-    """Read one pair (validated by the engine's readers)."""
-    from . import imaging
-    from .baselines import PairImages
-
-    moving = imaging.read_image(pair.moving, "moving image")
-    fixed = imaging.read_image(pair.fixed, "fixed image")
-
-    def labels(path, reference, what):
-        return None if path is None else imaging.read_labels(path, reference, what)
-
-    return PairImages(
-        pair.name,
-        moving,
-        fixed,
-        labels(pair.moving_labels, moving, "moving labels"),
-        labels(pair.fixed_labels, fixed, "fixed labels"),
-        labels(pair.mask, fixed, "mask"),
-    )
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with at least one face neighbour outside it (the image border counts as outside)."""
-    mask = np.asarray(mask, bool)
-    padded = np.pad(mask, 1)
-    interior = mask.copy()
-    for axis in range(3):
-        for shift in (-1, 1):
-            interior &= np.roll(padded, shift, axis)[1:-1, 1:-1, 1:-1]
-    return mask & ~interior
-
-
-def _distance_to(target: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Euclidean distance (mm) from every voxel to the nearest voxel of ``target`` (exact, Maurer)."""
-    image = sitk.GetImageFromArray(target.astype(np.uint8))
-    image.SetSpacing(tuple(float(s) for s in spacing))
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    return np.abs(sitk.GetArrayFromImage(distance))
-
-
-def hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
-    """Symmetric 95th-percentile Hausdorff distance (mm) between the surfaces of two masks.
-
-    ``max(P95 of d(x, surface B) over x on surface A, P95 of d(y, surface A) over y on surface B)`` with voxel
-    centres as points, numpy's linear-interpolation percentile and ``spacing`` in SimpleITK's (x, y, z) order
-    for arrays indexed (k, j, i). NaN when either mask is empty. Computed in the masks' joint bounding box.
-    """
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    if not a.any() or not b.any():
-        return float("nan")
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(a | b))
-    sa, sb = surface(a[box]), surface(b[box])
-    to_a, to_b = _distance_to(sa, spacing), _distance_to(sb, spacing)
-    return float(max(np.percentile(to_b[sa], 95), np.percentile(to_a[sb], 95)))
-
-
-def score(output, pair) -> dict:
-    """Dice and HD95 per structure, folding and SDlogJ of one method's output on one pair."""
-    from . import metrics
-
-    jac = jacobian(output, pair)
-    region = None if pair.mask is None else sitk.GetArrayViewFromImage(pair.mask) > 0
-    count, percent = metrics.folding(jac, region)
-    values = jac if region is None else jac[region]
-    record = {
-        "folding_count": count,
-        "folding_percent": percent,
-        "folding_region_voxels": int(values.size),
-        "sd_log_jacobian": metrics.sd_log_jacobian(jac, region),
-        "jacobian_min": float(values.min()),
-        "structures": {},
-        "mean_dice": None,
-        "mean_hd95_mm": None,
-    }
-    if output.warped_labels is not None and pair.fixed_labels is not None:
-        record.update(_label_scores(output.warped_labels, pair))
-    return record
-
-
-def jacobian(output, pair) -> np.ndarray:
-    """det J of the output's map on the fixed grid: the method's own when it has one, else from the field."""
-    from . import metrics
-
-    if output.jacobian is not None:
-        return np.asarray(output.jacobian)
-    field = sitk.GetArrayViewFromImage(output.displacement)
-    return metrics.physical_jacobian_determinant(field, pair.fixed.GetSpacing(), pair.fixed.GetDirection())
-
-
-def _label_scores(warped_labels: sitk.Image, pair) -> dict:
-    from . import metrics
-
-    warped = sitk.GetArrayViewFromImage(warped_labels)
-    target = sitk.GetArrayViewFromImage(pair.fixed_labels)
-    moving = sitk.GetArrayViewFromImage(pair.moving_labels)
-    labels = sorted((set(np.unique(target).tolist()) | set(np.unique(moving).tolist())) - {0})
-    dice = metrics.dice(warped, target, labels)
-    spacing = pair.fixed.GetSpacing()
-    structures = {}
-    for label in labels:
-        d = dice[int(label)]
-        h = hd95(warped == label, target == label, spacing)
-        structures[str(int(label))] = {"dice": _finite(d), "hd95_mm": _finite(h)}
-    dices = [s["dice"] for s in structures.values() if s["dice"] is not None]
-    hds = [s["hd95_mm"] for s in structures.values() if s["hd95_mm"] is not None]
-    return {
-        "structures": structures,
-        "mean_dice": float(np.mean(dices)) if dices else None,
-        "mean_hd95_mm": float(np.mean(hds)) if hds else None,
-    }
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -772,17 +497,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = [
-    "EvaluationRun",
-    "PairSpec",
-    "add_arguments",
-    "check_pairs",
-    "evaluate",
-    "hd95",
-    "main",
-    "pairs_from_atlas",
-    "pairs_from_csv",
-    "pairs_from_dataset_json",
-    "score",
-    "surface",
-]
+__all__ = ["EvaluationRun", "add_arguments", "evaluate", "main"]

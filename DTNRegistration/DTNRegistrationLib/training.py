@@ -16,16 +16,12 @@ rank 0 writes files and logs.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -39,34 +35,25 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from . import losses, metrics, spatial, synth
+from .checkpoints import (
+    BEST_WEIGHTS,
+    FINAL_WEIGHTS,
+    LAST_WEIGHTS,
+    STATE_FILE,
+    STATE_FORMAT,
+    check_architecture,
+    load_state,
+    rng_state,
+    set_rng_state,
+)
+from .distributed import any_rank, setup_distributed
 from .models import ModelError, atomic_write, read_weights, save_weights
 from .network import DTN, DTNConfig, build_model
+from .run_log import RunLog
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "last.state.pt"
-LAST_WEIGHTS = "last.safetensors"
-BEST_WEIGHTS = "best.safetensors"
-FINAL_WEIGHTS = "model.safetensors"
-LOG_FILE = "train_log.csv"
 CONFIG_FILE = "train_config.json"
-STATE_FORMAT = 1
-# DTNConfig fields that do not change the parameters (may differ between a checkpoint and a run).
-NON_ARCHITECTURE_KEYS = ("alpha", "alpha_range", "integration_steps")
-LOG_COLUMNS = (
-    "step",
-    "time_s",
-    "source",
-    "alpha",
-    "loss",
-    "similarity",
-    "smoothness",
-    "dice_loss",
-    "lr",
-    "val_dice",
-    "val_folding_percent",
-    "val_sd_log_jacobian",
-)
 
 
 @dataclass
@@ -173,133 +160,6 @@ class TrainConfig:
         )
 
 
-# ---------------------------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def setup_distributed(device: str) -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE > 1) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local if world > 1 or dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local, dev)
-
-
-def _any_rank(d: Dist, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (to stop together)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-# ---------------------------------------------------------------------------------------------- RNG state
-
-
-def rng_state(gen: torch.Generator) -> dict:
-    """Every random state the run depends on, as tensors and plain values (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": _to_plain(random.getstate()),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_to_plain, np_state[2:])],
-        "torch": torch.get_rng_state(),
-        "data": gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, gen: torch.Generator) -> None:
-    """Restore what ``rng_state`` saved."""
-    random.setstate(_to_tuple(state["python"]))
-    name, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_plain(value):
-    if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _to_tuple(value):
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def architecture(cfg: DTNConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in NON_ARCHITECTURE_KEYS}
-
-
-def check_architecture(found: DTNConfig | dict, expected: DTNConfig, what: str) -> None:
-    """Refuse weights of another architecture, naming the settings that differ."""
-    found = found if isinstance(found, DTNConfig) else DTNConfig.from_dict(found)
-    a, b = architecture(found), architecture(expected)
-    diff = {k: (a[k], b[k]) for k in a if _norm(a[k]) != _norm(b[k])}
-    if diff:
-        details = ", ".join(f"{k}: {x!r} there vs {y!r} here" for k, (x, y) in diff.items())
-        raise ModelError(f"{what} is of another architecture ({details}); it cannot be used for this model")
-
-
-def _norm(value):
-    return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def load_state(path: str | os.PathLike) -> dict:
-    """A training state file, loaded weights-only; a damaged or foreign file raises ModelError."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise ModelError(f"no training state to resume: {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise ModelError(f"{path}: not a readable training state (damaged or truncated?): {err}") from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "model" not in state:
-        raise ModelError(f"{path}: not a DTNRegistration training state")
-    return state
-
-
 def weights_info(cfg: TrainConfig, step: int, description: str) -> dict:
     """What goes with the weights (inference reads ``spacing_mm``)."""
     return {
@@ -373,62 +233,6 @@ def validate(core: DTN, pairs: list, alpha: float, amp: bool) -> dict:
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------- logging
-
-
-class RunLog:
-    """CSV log (and TensorBoard when it is installed), written by rank 0 only."""
-
-    def __init__(self, out: Path, resume_step: int | None, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = out / LOG_FILE
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is None or not self.path.is_file():
-            self.path.write_text(",".join(LOG_COLUMNS) + "\n")
-        else:
-            self._truncate(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # noqa: BLE001 - TensorBoard is optional
-            self.tb = None
-
-    def _truncate(self, step: int) -> None:
-        """Drop rows logged after the checkpoint being resumed (the resumed run logs them again)."""
-        with open(self.path, newline="") as handle:
-            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
-        text = ",".join(LOG_COLUMNS) + "\n" + "".join(",".join(r.get(c, "") for c in LOG_COLUMNS) + "\n" for r in rows)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        values = [_fmt(row.get(c, "")) for c in LOG_COLUMNS]
-        with open(self.path, "a") as handle:
-            handle.write(",".join(values) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if isinstance(value, float) and key not in ("time_s",):
-                    self.tb.add_scalar(key, value, int(row["step"]))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(value) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The rows of a training CSV log (for tests and plots)."""
-    with open(Path(path) / LOG_FILE if Path(path).is_dir() else path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -549,7 +353,7 @@ class Trainer:
         alpha = sample_alpha(self.cfg, self.gen)
         use_dice = source == "synthetic" or self.cfg.dice_real
         loss, parts = compute_loss(self.model, self.core, pair, alpha, self.cfg, use_dice, self.amp)
-        if _any_rank(self.dist, not bool(torch.isfinite(loss))):  # every rank stops, none waits forever
+        if any_rank(self.dist, not bool(torch.isfinite(loss))):  # every rank stops, none waits forever
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; lower --lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -625,7 +429,7 @@ class Trainer:
                 if cfg.val_every > 0 and self.step % cfg.val_every == 0:
                     self.run_validation(elapsed)
                 timed_out = deadline is not None and time.monotonic() >= deadline
-                if _any_rank(self.dist, stop.set or timed_out):
+                if any_rank(self.dist, stop.set or timed_out):
                     log.info("stopping at step %d (%s)", self.step, "time limit" if timed_out else "signal")
                     break
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
@@ -673,149 +477,4 @@ def train(cfg: TrainConfig) -> Path:
             dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def _flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
-    dest = name.replace("-", "_")
-    default = getattr(TrainConfig, dest)
-    parser.add_argument(
-        f"--{name}",
-        dest=dest,
-        action=argparse.BooleanOptionalAction,
-        default=argparse.SUPPRESS,
-        help=f"{help_text} (default: {'on' if default else 'off'})",
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``dtnreg train``; each left out keeps its TrainConfig default (or the resumed run's)."""
-    d = TrainConfig()
-    g = parser.add_argument_group("output and run")
-    _opt = _group_opt(g, d)
-    _opt("output-dir", "folder for checkpoints, logs and the final model.safetensors", metavar="DIR")
-    _opt("resume", "continue the run whose checkpoint is in DIR exactly (its settings are reused)", metavar="DIR")
-    _opt("max-steps", "number of optimiser steps", type=int)
-    _opt("max-minutes", "stop (and save) after this many minutes", type=float)
-    _opt("seed", "random seed (model initialisation and data)", type=int)
-    _opt("device", "auto, cpu, cuda or cuda:N", metavar="DEV")
-    _opt("threads", "CPU threads for torch", type=int)
-    _opt("checkpoint-every", "steps between checkpoints", type=int)
-    _opt("val-every", "steps between validations (0 = never)", type=int)
-    _opt("val-synthetic", "number of synthetic validation pairs", type=int)
-    _opt("log-every", "steps between CSV log rows", type=int)
-    _flag(g, "amp", "bf16 mixed precision on CUDA")
-    _flag(g, "progress", "progress bar")
-
-    g = parser.add_argument_group("data")
-    _opt = _group_opt(g, d)
-    _flag(g, "synthetic", "train on synthetic pairs (mixed with real images if those are given)")
-    _opt("synth-fraction", "share of synthetic pairs when mixing with real images", type=float)
-    _opt("synth-labels", "labels per synthetic label map", type=int)
-    _opt(
-        "synth-contrast",
-        "shared or independent label intensities in a synthetic pair",
-        choices=["shared", "independent"],
-    )
-    _opt("images-dir", "folder of training images (random pairs, or moving images with --atlas)", metavar="DIR")
-    _opt("images-glob", "file name pattern in --images-dir", metavar="GLOB")
-    _opt("labels-dir", "folder of label maps named like the images", metavar="DIR")
-    _opt("dataset-json", "Learn2Reg/OASIS dataset JSON", metavar="FILE")
-    _opt("atlas", "fixed atlas image (atlas-based training)", metavar="FILE")
-    _opt("atlas-labels", "the atlas's label map", metavar="FILE")
-    _opt("template", "image whose grid the real images are aligned to (default: atlas or first image)", metavar="FILE")
-    _opt("spacing-mm", "isotropic spacing of the model grid", type=float)
-    _opt("shape", "model grid size D H W (array order, multiples of 16)", type=int, nargs=3, metavar="N")
-    _opt("align", "affine alignment of real images to the template", choices=["affine", "none"])
-    _opt("cache-dir", "folder for preprocessed volumes (default: OUTPUT_DIR/cache)", metavar="DIR")
-    _opt("p-same", "probability of a real pair from one subject (two augmentations)", type=float)
-    _opt("workers", "threads preparing images", type=int)
-    _flag(g, "augment", "affine + elastic + intensity augmentation of real images")
-
-    g = parser.add_argument_group("model and loss")
-    _opt = _group_opt(g, d)
-    _opt("variant", "architecture", choices=["dtn", "dtn_s", "dtn_c", "none"])
-    _flag(g, "alpha-conditioned", "one model for all alphas (alpha sampled log-uniformly each step)")
-    _opt("alpha", "smoothness weight (fixed, or the default of a conditioned model)", type=float)
-    _opt("alpha-range", "alpha range of a conditioned model", type=float, nargs=2, metavar="A")
-    _opt("init", "weights to fine-tune (same architecture)", metavar="WEIGHTS")
-    _opt(
-        "model-options",
-        'other architecture settings as JSON, e.g. \'{"q_s": 64, "heads": 4}\'',
-        type=_json_dict,
-        metavar="JSON",
-    )
-    _opt("similarity", "similarity term", choices=sorted(losses.SIMILARITIES))
-    _opt("dice-weight", "weight of the soft Dice term on labelled (synthetic) pairs", type=float)
-    _flag(g, "dice-real", "also use real label maps in the Dice term")
-    _opt("lr", "Adam learning rate", type=float)
-    _opt("betas", "Adam betas", type=float, nargs=2, metavar="B")
-    _opt("batch-size", "pairs per step", type=int)
-    _opt("grad-clip", "gradient norm clipping (0 = off)", type=float)
-
-
-def _group_opt(group, defaults: TrainConfig):
-    def opt(name: str, help_text: str, **kw) -> None:
-        dest = name.replace("-", "_")
-        if "metavar" not in kw and "choices" not in kw and kw.get("type") in (int, float):
-            kw["metavar"] = "N" if kw["type"] is int else "X"
-        if "default:" not in help_text:
-            help_text = f"{help_text} (default: {getattr(defaults, dest)})"
-        group.add_argument(
-            f"--{name}",
-            dest=dest,
-            default=argparse.SUPPRESS,
-            help=help_text,
-            **kw,
-        )
-
-    return opt
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's configuration: the options given, over the resumed run's settings or the defaults."""
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    if given.get("resume"):
-        state = load_state(given["resume"])
-        base = json.loads(state["train_config"])
-        base.setdefault("output_dir", given["resume"])
-        base["output_dir"] = given.get("output_dir", given["resume"])
-        base.pop("init", None)
-        return TrainConfig.from_dict(base | given)
-    if "output_dir" not in given:
-        raise ValueError("give --output-dir (or --resume DIR)")
-    return TrainConfig.from_dict(given)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dtnreg train", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> int:
-    """``dtnreg train``: returns the exit status (2 for bad input, with the reason on stderr)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        cfg = config_from_args(args)
-        final = train(cfg)
-    except (ValueError, FloatingPointError) as err:  # InputError, DataError and ModelError are ValueErrors
-        print(f"dtnreg train: error: {err}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(final)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(parse_args()))
+__all__ = ["CONFIG_FILE", "TrainConfig", "Trainer", "compute_loss", "train", "validate"]

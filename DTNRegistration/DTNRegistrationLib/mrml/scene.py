@@ -49,7 +49,9 @@ def create_headless_scene(cache_dir: str | os.PathLike | None = None) -> SceneCo
     """
     scene = slicer.vtkMRMLScene()
     cache = slicer.vtkCacheManager()
-    cache.SetRemoteCacheDirectory(str(cache_dir or tempfile.mkdtemp(prefix="dtnreg-cache-")))
+    # Without a given folder, a temporary one that is deleted with the context (not one left per scene).
+    owned = tempfile.TemporaryDirectory(prefix="dtnreg-cache-") if cache_dir is None else None
+    cache.SetRemoteCacheDirectory(str(cache_dir) if owned is None else owned.name)
     scene.SetCacheManager(cache)
     io_manager = slicer.vtkDataIOManager()
     io_manager.SetCacheManager(cache)
@@ -78,7 +80,7 @@ def create_headless_scene(cache_dir: str | os.PathLike | None = None) -> SceneCo
         segmentations_logic=logics["Segmentations"],
         transforms_logic=logics["Transforms"],
         application_logic=app,
-        keep_alive=[cache, io_manager, colors, logics["SubjectHierarchy"]],
+        keep_alive=[cache, io_manager, colors, logics["SubjectHierarchy"], owned],
     )
 
 
