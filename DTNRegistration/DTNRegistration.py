@@ -127,13 +127,13 @@ def registerSampleData():
             "DTN moving: ITK head",
             "DTNSampleMoving.png",
             [("moving_itk_head_brain.nii.gz", "DTN moving head", "VolumeFile")],
-            [("moving_itk_head_tissue.nii.gz", "DTN moving head tissue", "SegmentationFile")],
+            [("moving_itk_head_tissue.seg.nrrd", "DTN moving head tissue", "SegmentationFile")],
         ),
         (
             "DTN fixed: ICBM 2009a",
             "DTNSampleFixed.png",
             [("fixed_icbm2009a_t1_2mm.nii.gz", "DTN fixed ICBM 2009a", "VolumeFile")],
-            [("fixed_icbm2009a_tissue_2mm.nii.gz", "DTN fixed ICBM 2009a tissue", "SegmentationFile")],
+            [("fixed_icbm2009a_tissue_2mm.seg.nrrd", "DTN fixed ICBM 2009a tissue", "SegmentationFile")],
         ),
     ]
     SampleData.SampleDataLogic.registerCustomSampleDataCategory("DTNRegistration", title=_("DTN Registration"))

@@ -6,6 +6,8 @@ axis flip, permutation or RAS/LPS slip shows up as a mismatch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -685,3 +687,21 @@ def test_a_headless_scene_removes_its_temporary_cache_folder():
     del context
     gc.collect()
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("stem", ["fixed_icbm2009a_tissue_2mm", "moving_itk_head_tissue"])
+def test_sample_segmentations_name_the_tissues_and_match_the_label_maps(context, stem):
+    """Slicer's Sample Data loads the .seg.nrrd: named segments, the same voxels as the label map beside it."""
+    samples = Path(__file__).resolve().parents[1] / "DTNRegistration" / "Resources" / "Samples"
+    labels = sitk.ReadImage(str(samples / f"{stem}.nii.gz"))
+    loaded = slicer.vtkMRMLSegmentationNode()
+    context.scene.AddNode(loaded)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(samples / f"{stem}.seg.nrrd"))
+    try:
+        assert storage.ReadData(loaded)
+        assert [s.name for s in mrml.segments_of(loaded)] == ["CSF", "Grey matter", "White matter"]
+        again = mrml.segmentation_labels_on(loaded, labels)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(labels))
+    finally:
+        context.scene.RemoveNode(loaded)

@@ -16,6 +16,11 @@ import numpy as np
 import SimpleITK as sitk
 
 OUT = Path(__file__).resolve().parents[1] / "DTNRegistration" / "Resources" / "Samples"
+TISSUE_SEGMENTS = {  # label value: segment name and colour (RGB 0-1)
+    1: ("CSF", (0.44, 0.71, 0.89)),
+    2: ("Grey matter", (0.85, 0.55, 0.47)),
+    3: ("White matter", (0.96, 0.93, 0.80)),
+}
 
 
 def tissue_from_probabilities(t1: sitk.Image, gm: sitk.Image, wm: sitk.Image) -> sitk.Image:
@@ -64,8 +69,29 @@ def main(src: Path) -> None:
     moving_labels.CopyInformation(moving)
     sitk.WriteImage(moving, str(OUT / "moving_itk_head_brain.nii.gz"), True)
     sitk.WriteImage(moving_labels, str(OUT / "moving_itk_head_tissue.nii.gz"), True)
-    for path in sorted(OUT.glob("*.nii.gz")):
+    write_named_segmentations()
+    for path in sorted(OUT.glob("*.nii.gz")) + sorted(OUT.glob("*.seg.nrrd")):
         print(path.name, path.stat().st_size)
+
+
+def write_named_segmentations() -> None:
+    """The tissue maps as .seg.nrrd with named, coloured segments, for Slicer's Sample Data (needs slicer-core).
+
+    A label map loaded as a segmentation in Slicer gets numbered segments; these carry the tissue names, which
+    the propagated segmentation then keeps.
+    """
+    from DTNRegistrationLib import mrml
+
+    context = mrml.create_headless_scene()
+    for stem in ("fixed_icbm2009a_tissue_2mm", "moving_itk_head_tissue"):
+        labels = sitk.ReadImage(str(OUT / f"{stem}.nii.gz"))
+        node = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", stem)
+        segments = [
+            mrml.SegmentInfo(label, name, color, name.lower().replace(" ", "_"))
+            for label, (name, color) in TISSUE_SEGMENTS.items()
+        ]
+        mrml.add_segments_from_labels(node, labels, segments)
+        mrml.export_segmentation(node, OUT / f"{stem}.seg.nrrd")
 
 
 if __name__ == "__main__":
