@@ -31,3 +31,21 @@ def test_a_prediction_worse_than_no_deformation_is_not_used_as_the_start():
     assert origin == "identity" and torch.equal(v, torch.zeros_like(wild))
     small = torch.zeros(1, 3, 16, 16, 16)
     assert refinement.better_start(small, moving, fixed, 0.1, similarity="mse")[1] == "network"  # ties keep it
+
+
+def test_a_folding_prediction_is_not_used_even_when_it_scores_better():
+    """Exact shift of the phantom plus strong noise in a corner where both images are empty: the objective
+    prefers it (tiny alpha), but the map folds there, so refinement starts from zero."""
+    fixed = torch.from_numpy(image_from_labels(phantom_labels(SHAPE)))[None, None]
+    shift = torch.zeros(1, 3, 16, 16, 16)
+    shift[:, 2] = 1.0  # one voxel of the velocity grid = two image voxels along W
+    moving = spatial.warp(
+        fixed, spatial.integrate(-shift).repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4) * 2
+    )
+    assert refinement.better_start(shift, moving, fixed, 1e-6, "mse")[1] == "network"
+    torch.manual_seed(0)
+    ripple = shift.clone()
+    ripple[:, :, :5, :5, :5] += torch.randn(1, 3, 5, 5, 5) * 4.0  # a corner where both images are background
+    assert refinement.folding_percent(ripple) > refinement.MAX_START_FOLDING_PERCENT
+    v, origin = refinement.better_start(ripple, moving, fixed, 1e-6, "mse")
+    assert origin == "identity (network field folds)" and not v.any()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import losses, spatial
+from . import losses, metrics, spatial
 
 
 def objective(
@@ -25,6 +25,17 @@ def objective(
     )
 
 
+# A network field folding on more than this share of its grid is not used (the issue's goal for the result).
+MAX_START_FOLDING_PERCENT = 0.01
+
+
+def folding_percent(velocity: torch.Tensor, integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS) -> float:
+    """Share (%) of the velocity grid's voxels where ``exp(v)`` folds (det J <= 0)."""
+    with torch.no_grad():
+        u = spatial.integrate(velocity.float(), integration_steps)
+    return metrics.folding(metrics.jacobian_determinant(u[0].cpu().numpy()))[1]
+
+
 def better_start(
     velocity: torch.Tensor,
     moving: torch.Tensor,
@@ -34,16 +45,21 @@ def better_start(
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
 ) -> tuple[torch.Tensor, str]:
-    """The network's velocity, or zero when no deformation scores better on :func:`objective`.
+    """The network's velocity, or zero when no deformation scores better on :func:`objective` or the field folds.
 
     A safeguard: a model that does not suit this pair's images never makes the result worse, on the pair's own
-    objective, than the affine initialisation alone. Returns the field and ``"network"`` or ``"identity"``.
+    objective, than the affine initialisation alone, nor hands refinement a folded map to start from. Returns the
+    field and ``"network"``, ``"identity"`` or ``"identity (network field folds)"``.
     """
+    zero = torch.zeros_like(velocity)
     with torch.no_grad():
-        zero = torch.zeros_like(velocity)
         network = float(objective(velocity, moving, fixed, alpha, similarity, mask, integration_steps))
         identity = float(objective(zero, moving, fixed, alpha, similarity, mask, integration_steps))
-    return (velocity, "network") if network <= identity else (zero, "identity")
+    if network > identity:
+        return zero, "identity"
+    if folding_percent(velocity, integration_steps) > MAX_START_FOLDING_PERCENT:
+        return zero, "identity (network field folds)"
+    return velocity, "network"
 
 
 def refine_velocity(
