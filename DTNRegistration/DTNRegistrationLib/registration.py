@@ -26,7 +26,6 @@ from .refinement import better_start, refine_velocity
 # (docs/benchmarks.md: refinement study).
 DEFAULT_REFINE_STEPS = 25
 DEFAULT_REFINE_SIMILARITY = "ncc"
-EDGE_TAPER_VOXELS = 3
 # Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
 # times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
 WORK_SPACING_MM = 2.0
@@ -169,8 +168,11 @@ def register(
         shape = tuple(sitk.GetArrayViewFromImage(reference).shape)
         forward = loaded.model.displacement(velocity, shape)
         backward = loaded.model.displacement(velocity, shape, inverse=True)
-    displacement = _full_map(_field_image(forward, reference), transform, fixed)
-    inverse = _full_map(_field_image(backward, reference), transform.GetInverse(), moving, inverse=True)
+    displacement = _full_map(_field_image(forward, reference, [fixed]), transform, fixed)
+    moving_in_fixed = _mapped_grid(moving, transform.GetInverse())
+    inverse = _full_map(
+        _field_image(backward, reference, [moving_in_fixed]), transform.GetInverse(), moving, inverse=True
+    )
     warped = sitk.Resample(moving, fixed, _as_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     jac_array = metrics.physical_jacobian_determinant(
         sitk.GetArrayViewFromImage(displacement), fixed.GetSpacing(), fixed.GetDirection()
@@ -267,30 +269,52 @@ def _refine(velocity, pair, mask, alpha, steps, similarity, integration_steps, s
         return refine_velocity(velocity, *pair, alpha, steps, similarity, mask, integration_steps, on_step=on_step)
 
 
-def _field_image(u: torch.Tensor, reference: sitk.Image, taper: int = EDGE_TAPER_VOXELS) -> sitk.Image:
+def _field_image(u: torch.Tensor, reference: sitk.Image, cover: list[sitk.Image]) -> sitk.Image:
     """Voxel-unit field (array axes k, j, i) on the LPS-aligned model grid -> ITK field (x, y, z in mm).
 
-    The field is tapered to zero over the grid's last ``taper`` voxels (background: the grid has a margin
-    around the head), so that it meets the affine-only region outside the grid without a jump, which would
-    otherwise show as a false band in the Jacobian map.
+    The field is continued beyond the grid with its border values (zero-flux Neumann padding) far enough to
+    cover the ``cover`` images' extents in the grid's space. Outside its grid ITK's field transform is zero;
+    a network's field can be millimetres large at the grid's edge (in the background), and that jump to zero
+    would fold the map there. The continuation keeps the map continuous and adds no compression.
     """
     array = u[0].detach().cpu().numpy()[::-1].transpose(1, 2, 3, 0) * reference.GetSpacing()[0]
-    array = array * _edge_window(array.shape[:3], taper)[..., None]
     image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float64), isVector=True)
     image.CopyInformation(reference)
-    return image
+    lower, upper = _padding_to_cover(reference, cover)
+    return sitk.ZeroFluxNeumannPad(image, lower, upper) if any(lower + upper) else image
 
 
-def _edge_window(shape: tuple[int, ...], taper: int) -> np.ndarray:
-    """Separable window: 0 on the border voxels, rising as a half cosine to 1 at ``taper`` voxels inside."""
-    window = np.ones(shape, np.float64)
-    for axis, n in enumerate(shape):
-        ramp = np.ones(n)
-        steps = min(taper, n // 2)
-        ramp[:steps] = 0.5 - 0.5 * np.cos(np.pi * np.arange(steps) / steps)
-        ramp[n - steps :] = ramp[:steps][::-1]
-        window *= ramp.reshape([-1 if a == axis else 1 for a in range(len(shape))])
-    return window
+def _padding_to_cover(reference: sitk.Image, images: list[sitk.Image]) -> tuple[list[int], list[int]]:
+    """Voxels to add below and above each axis of ``reference`` (identity direction) to contain the images."""
+    corners = []
+    for image in images:
+        size = image.GetSize()
+        for corner in np.ndindex(2, 2, 2):
+            index = [c * (n - 1) for c, n in zip(corner, size)]
+            corners.append(image.TransformContinuousIndexToPhysicalPoint([float(i) for i in index]))
+    corners = np.array(corners)
+    spacing, origin = np.array(reference.GetSpacing()), np.array(reference.GetOrigin())
+    first = np.floor((corners.min(0) - origin) / spacing) - 1
+    last = np.ceil((corners.max(0) - origin) / spacing) + 1
+    lower = np.maximum(0, -first).astype(int)
+    upper = np.maximum(0, last - (np.array(reference.GetSize()) - 1)).astype(int)
+    return lower.tolist(), upper.tolist()
+
+
+def _mapped_grid(image: sitk.Image, transform: sitk.Transform) -> sitk.Image:
+    """An empty image whose corners are ``image``'s corners mapped by ``transform`` (for extents only)."""
+    size = image.GetSize()
+    points = [
+        transform.TransformPoint(
+            image.TransformContinuousIndexToPhysicalPoint([float(c * (n - 1)) for c, n in zip(corner, size)])
+        )
+        for corner in np.ndindex(2, 2, 2)
+    ]
+    lo, hi = np.min(points, axis=0), np.max(points, axis=0)
+    box = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    box.SetOrigin(tuple(lo))
+    box.SetSpacing(tuple(np.maximum(hi - lo, 1e-3)))
+    return box
 
 
 def _as_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
@@ -302,7 +326,6 @@ def _full_map(grid_field: sitk.Image, affine: sitk.Transform, reference: sitk.Im
     """The single ITK displacement field on ``reference``'s grid that does the whole mapping.
 
     Forward (fixed grid): ``x -> A(x + d(x))``. Inverse (moving grid): ``y -> z + d_inv(z)``, ``z = A^-1(y)``.
-    Outside the model grid the deformable part is zero, leaving the affine alone.
     """
     deform = _as_transform(grid_field)
     composite = sitk.CompositeTransform(3)
