@@ -254,7 +254,7 @@ and pastes the two reports below; every number is also in `results.csv` in its w
 - SyN: antspyx `ants.registration(type_of_transform="SyN")` with its default iterations (40x20x0, Mattes MI; the
   paper used 100x100x100), at 2 mm, on the CPU; `SyNOnly` on the synthetic pairs (they share one pose).
 - Everything at 2 mm: the development images are resampled to 2 mm (the ITK head keeps its 2 x 2 x 3 mm grid), the
-  synthetic pairs are generated at 2 mm. The model runs at 2 mm internally anyway.
+  synthetic pairs are generated at 2 mm. The pipeline works on a 2 mm grid anyway (the shipped network at 4 mm).
 
 **Read these numbers with care.**
 

@@ -21,9 +21,9 @@ from .losses import SIMILARITIES
 from .models import LoadedModel, load_model
 from .refinement import better_start, refine_velocity
 
-# Test-time refinement by default: the shipped network alone is close to the identity after its short CPU training
-# (see its model card), and 25 steps of local NCC scored best for the time on the 1 mm development pairs
-# (docs/benchmarks.md: refinement study).
+# Test-time refinement by default: the shipped network, after its short CPU training at 4 mm, is only a little better
+# than the affine start alone (see its model card), and 25 steps of local NCC scored best for the time on the 1 mm
+# development pairs (docs/benchmarks.md: refinement study).
 DEFAULT_REFINE_STEPS = 25
 DEFAULT_REFINE_SIMILARITY = "ncc"
 # Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
