@@ -168,11 +168,9 @@ def register(
         shape = tuple(sitk.GetArrayViewFromImage(reference).shape)
         forward = loaded.model.displacement(velocity, shape)
         backward = loaded.model.displacement(velocity, shape, inverse=True)
-    displacement = _full_map(_field_image(forward, reference, [fixed]), transform, fixed)
-    moving_in_fixed = _mapped_grid(moving, transform.GetInverse())
-    inverse = _full_map(
-        _field_image(backward, reference, [moving_in_fixed]), transform.GetInverse(), moving, inverse=True
-    )
+    displacement = _full_map(_field_image(forward, reference, _corners(fixed)), transform, fixed)
+    moving_corners = _corners(moving, transform.GetInverse())  # where the inverse field is evaluated
+    inverse = _full_map(_field_image(backward, reference, moving_corners), transform.GetInverse(), moving, inverse=True)
     warped = sitk.Resample(moving, fixed, _as_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     jac_array = metrics.physical_jacobian_determinant(
         sitk.GetArrayViewFromImage(displacement), fixed.GetSpacing(), fixed.GetDirection()
@@ -269,13 +267,13 @@ def _refine(velocity, pair, mask, alpha, steps, similarity, integration_steps, s
         return refine_velocity(velocity, *pair, alpha, steps, similarity, mask, integration_steps, on_step=on_step)
 
 
-def _field_image(u: torch.Tensor, reference: sitk.Image, cover: list[sitk.Image]) -> sitk.Image:
+def _field_image(u: torch.Tensor, reference: sitk.Image, cover: np.ndarray) -> sitk.Image:
     """Voxel-unit field (array axes k, j, i) on the LPS-aligned model grid -> ITK field (x, y, z in mm).
 
     The field is continued beyond the grid with its border values (zero-flux Neumann padding) far enough to
-    cover the ``cover`` images' extents in the grid's space. Outside its grid ITK's field transform is zero;
-    a network's field can be millimetres large at the grid's edge (in the background), and that jump to zero
-    would fold the map there. The continuation keeps the map continuous and adds no compression.
+    contain the physical points ``cover``. Outside its grid ITK's field transform is zero; a network's field can
+    be millimetres large at the grid's edge (in the background), and that jump to zero would fold the map there.
+    The continuation keeps the map continuous and adds no compression.
     """
     array = u[0].detach().cpu().numpy()[::-1].transpose(1, 2, 3, 0) * reference.GetSpacing()[0]
     image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float64), isVector=True)
@@ -284,37 +282,27 @@ def _field_image(u: torch.Tensor, reference: sitk.Image, cover: list[sitk.Image]
     return sitk.ZeroFluxNeumannPad(image, lower, upper) if any(lower + upper) else image
 
 
-def _padding_to_cover(reference: sitk.Image, images: list[sitk.Image]) -> tuple[list[int], list[int]]:
-    """Voxels to add below and above each axis of ``reference`` (identity direction) to contain the images."""
-    corners = []
-    for image in images:
-        size = image.GetSize()
-        for corner in np.ndindex(2, 2, 2):
-            index = [c * (n - 1) for c, n in zip(corner, size)]
-            corners.append(image.TransformContinuousIndexToPhysicalPoint([float(i) for i in index]))
-    corners = np.array(corners)
+def _corners(image: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+    """The physical points of ``image``'s eight corner voxels, mapped by ``transform`` when one is given."""
+    size = image.GetSize()
+    points = [
+        image.TransformContinuousIndexToPhysicalPoint([float(c * (n - 1)) for c, n in zip(corner, size)])
+        for corner in np.ndindex(2, 2, 2)
+    ]
+    return np.array([transform.TransformPoint(p) for p in points] if transform is not None else points)
+
+
+def _padding_to_cover(reference: sitk.Image, points: np.ndarray) -> tuple[list[int], list[int]]:
+    """Voxels to add below and above each axis of ``reference`` (identity direction) to contain ``points``.
+
+    Enough for the corners of an affinely mapped box: their bounding box contains all of it.
+    """
     spacing, origin = np.array(reference.GetSpacing()), np.array(reference.GetOrigin())
-    first = np.floor((corners.min(0) - origin) / spacing) - 1
-    last = np.ceil((corners.max(0) - origin) / spacing) + 1
+    first = np.floor((points.min(0) - origin) / spacing) - 1
+    last = np.ceil((points.max(0) - origin) / spacing) + 1
     lower = np.maximum(0, -first).astype(int)
     upper = np.maximum(0, last - (np.array(reference.GetSize()) - 1)).astype(int)
     return lower.tolist(), upper.tolist()
-
-
-def _mapped_grid(image: sitk.Image, transform: sitk.Transform) -> sitk.Image:
-    """An empty image whose corners are ``image``'s corners mapped by ``transform`` (for extents only)."""
-    size = image.GetSize()
-    points = [
-        transform.TransformPoint(
-            image.TransformContinuousIndexToPhysicalPoint([float(c * (n - 1)) for c, n in zip(corner, size)])
-        )
-        for corner in np.ndindex(2, 2, 2)
-    ]
-    lo, hi = np.min(points, axis=0), np.max(points, axis=0)
-    box = sitk.Image([2, 2, 2], sitk.sitkUInt8)
-    box.SetOrigin(tuple(lo))
-    box.SetSpacing(tuple(np.maximum(hi - lo, 1e-3)))
-    return box
 
 
 def _as_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
