@@ -118,7 +118,7 @@ def test_bad_json_is_refused(tmp_path, text, message):
 
 
 def test_no_data_at_all_is_refused():
-    with pytest.raises(DataError, match="no training data"):
+    with pytest.raises(ValueError, match="no training data"):
         data.MixedSource(None, None, 0.5)
 
 

@@ -6,7 +6,7 @@ model grid (identity direction, isotropic ``spacing_mm``). Prepared volumes are 
 keyed by each file's path, size, mtime and the preparation settings, so a restart costs no preprocessing.
 All input is checked before training starts; a problem raises ``DataError`` naming the file.
 
-Pairs are sampled with a ``torch.Generator`` (see ``synth``), so sampling is deterministic and resumable.
+Sampling pairs from the prepared volumes is ``pairs``' work (it needs no SimpleITK); its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
-import torch
 
-from . import synth
 from .imaging import (
     InputError,
     affine_initialisation,
@@ -36,6 +34,7 @@ from .imaging import (
     resample,
 )
 from .models import atomic_write
+from .pairs import MixedSource, RealData, RealPairSource, SynthPairSource, Volume, validation_pairs
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +66,6 @@ class Subject:
 
 
 @dataclass
-class Volume:
-    """A prepared image on the model grid, ``(D, H, W)`` float32 in [0, 1], with labels (contiguous ids) or None."""
-
-    name: str
-    image: np.ndarray
-    labels: np.ndarray | None = None
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image = torch.tensor(np.asarray(self.image, dtype=np.float32))[None, None]  # a copy: caches are read-only
-        labels = None
-        if self.labels is not None:
-            labels = torch.tensor(np.asarray(self.labels, dtype=np.int64))[None, None]
-        return image, labels
-
-
-@dataclass
 class DatasetSpec:
     """Where the real data is and how to prepare it (a subset of the training configuration)."""
 
@@ -102,17 +85,6 @@ class DatasetSpec:
     @property
     def has_real(self) -> bool:
         return bool(self.images_dir or self.dataset_json)
-
-
-@dataclass
-class RealData:
-    """Prepared real volumes and how to pair them."""
-
-    train: list[Volume]
-    atlas: Volume | None = None
-    train_pairs: list[tuple[int, int]] = field(default_factory=list)  # (moving, fixed) indices into train
-    val_pairs: list[tuple[Volume, Volume]] = field(default_factory=list)
-    description: str = ""
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -446,116 +418,6 @@ def _split(dataset: JsonDataset) -> tuple[list[Subject], list[tuple[Subject, Sub
         raise DataError("no training images left once the validation images are set aside")
     val_pairs = [(m, f) for m, f in val_pairs if m.label is not None and f.label is not None]
     return train, val_pairs
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-
-
-def _randint(gen: torch.Generator, n: int) -> int:
-    return int(torch.randint(n, (1,), generator=gen, device=gen.device).item())
-
-
-def _rand(gen: torch.Generator) -> float:
-    return float(torch.rand((), generator=gen, device=gen.device).item())
-
-
-class RealPairSource:
-    """Augmented real pairs: an atlas as fixed, explicit pairs, or random pairs (possibly the same subject)."""
-
-    def __init__(
-        self,
-        data: RealData,
-        p_same: float = 0.2,
-        augment: bool = True,
-        augment_cfg: synth.AugmentConfig | None = None,
-    ) -> None:
-        self.data = data
-        self.p_same = p_same
-        self.augment = augment
-        self.augment_cfg = augment_cfg or synth.AugmentConfig()
-
-    @property
-    def shape(self) -> Shape:
-        return tuple(self.data.train[0].image.shape)
-
-    def _pick(self, gen: torch.Generator) -> tuple[Volume, Volume]:
-        train = self.data.train
-        if self.data.atlas is not None:
-            return train[_randint(gen, len(train))], self.data.atlas
-        if self.data.train_pairs:
-            m, f = self.data.train_pairs[_randint(gen, len(self.data.train_pairs))]
-            return train[m], train[f]
-        a = _randint(gen, len(train))
-        if len(train) == 1 or _rand(gen) < self.p_same:
-            return train[a], train[a]
-        b = (a + 1 + _randint(gen, len(train) - 1)) % len(train)
-        return train[a], train[b]
-
-    def _view(self, gen: torch.Generator, vol: Volume, spatial_aug: bool):
-        image, labels = vol.tensors()
-        if not self.augment:
-            return image.to(gen.device), None if labels is None else labels.to(gen.device)
-        return synth.augment(gen, image, labels, self.augment_cfg, spatial_aug=spatial_aug)
-
-    def sample(self, gen: torch.Generator, batch: int = 1) -> synth.Pair:
-        pairs = []
-        for _ in range(batch):
-            moving, fixed = self._pick(gen)
-            m, ml = self._view(gen, moving, True)
-            f, fl = self._view(gen, fixed, self.data.atlas is None)  # the atlas stays in place
-            pairs.append((m, f, ml, fl))
-        return _stack(pairs)
-
-
-class SynthPairSource:
-    """On-the-fly synthetic pairs of a fixed grid shape."""
-
-    def __init__(self, shape: Shape, cfg: synth.SynthConfig | None = None) -> None:
-        self.shape = tuple(shape)
-        self.cfg = cfg or synth.SynthConfig()
-
-    def sample(self, gen: torch.Generator, batch: int = 1) -> synth.Pair:
-        return synth.synth_pair(gen, self.shape, batch, self.cfg)
-
-
-class MixedSource:
-    """Synthetic pairs with probability ``p_synth``, real ones otherwise; remembers which it drew last."""
-
-    def __init__(self, real: RealPairSource | None, synthetic: SynthPairSource | None, p_synth: float) -> None:
-        if real is None and synthetic is None:
-            raise DataError("no training data: give --images-dir, --dataset-json and/or --synthetic")
-        self.real, self.synthetic = real, synthetic
-        self.p_synth = 1.0 if real is None else (0.0 if synthetic is None else float(p_synth))
-        self.last = ""
-
-    def sample(self, gen: torch.Generator, batch: int = 1) -> synth.Pair:
-        use_synth = self.p_synth >= 1.0 or (self.p_synth > 0.0 and _rand(gen) < self.p_synth)
-        self.last = "synthetic" if use_synth else "real"
-        return (self.synthetic if use_synth else self.real).sample(gen, batch)
-
-
-def _stack(items) -> synth.Pair:
-    def cat(i):
-        parts = [it[i] for it in items]
-        return None if any(p is None for p in parts) else torch.cat(parts)
-
-    return synth.Pair(cat(0), cat(1), cat(2), cat(3))
-
-
-def validation_pairs(
-    real: RealData | None, shape: Shape, count_synth: int, seed: int, device: torch.device | str = "cpu"
-) -> list[tuple[str, synth.Pair]]:
-    """Fixed labelled pairs to validate on: the real ones listed, plus ``count_synth`` synthetic pairs."""
-    out = []
-    if real is not None:
-        for moving, fixed in real.val_pairs:
-            m, ml = moving.tensors()
-            f, fl = fixed.tensors()
-            out.append((f"{moving.name}->{fixed.name}", synth.Pair(m, f, ml, fl).to(device)))
-    gen = synth.make_generator(seed, device)
-    for i in range(count_synth):
-        out.append((f"synthetic-{i}", synth.synth_pair(gen, shape, 1)))
-    return out
 
 
 __all__ = [

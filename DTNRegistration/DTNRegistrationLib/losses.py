@@ -41,13 +41,11 @@ def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return F.avg_pool3d(x, (1, 1, window), stride=1, padding=(0, 0, p), count_include_pad=False)
 
 
-def gradient_smoothness(v: torch.Tensor) -> torch.Tensor:
-    """``||grad v||^2``: mean squared forward difference of every component along every axis."""
-    terms = [
-        (v[:, :, 1:] - v[:, :, :-1]).pow(2).mean(),
-        (v[:, :, :, 1:] - v[:, :, :, :-1]).pow(2).mean(),
-        (v[:, :, :, :, 1:] - v[:, :, :, :, :-1]).pow(2).mean(),
-    ]
+def gradient_smoothness(v: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """``||grad v||^2``: mean squared forward difference of every component along every axis
+    (a scalar, or one value per sample ``(B,)`` so that each pair can have its own alpha)."""
+    diffs = [v[:, :, 1:] - v[:, :, :-1], v[:, :, :, 1:] - v[:, :, :, :-1], v[:, :, :, :, 1:] - v[:, :, :, :, :-1]]
+    terms = [d.pow(2).flatten(1).mean(1) if per_sample else d.pow(2).mean() for d in diffs]
     return sum(terms) / 3.0
 
 

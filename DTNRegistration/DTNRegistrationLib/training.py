@@ -33,8 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import data as data_mod
-from . import losses, metrics, spatial, synth
+from . import losses, metrics, pairs, spatial, synth
 from .checkpoints import (
     BEST_WEIGHTS,
     FINAL_WEIGHTS,
@@ -54,6 +53,8 @@ from .run_log import RunLog
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
+MAX_BAD_STEPS = 10  # non-finite losses in a row before the run gives up (single ones are skipped)
+RATE_AFTER_STEPS = 20  # the throughput is reported once, over the first steps of the run
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     images_glob: str = "*"
     labels_dir: str | None = None
     dataset_json: str | None = None
+    prepared_data: str | None = None  # an .npz of volumes already on the model grid (pairs.save_prepared)
     atlas: str | None = None
     atlas_labels: str | None = None
     template: str | None = None
@@ -92,6 +94,8 @@ class TrainConfig:
     dice_weight: float = 0.0
     dice_real: bool = False  # also use real label maps in the Dice term
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine": to lr/10 at max steps or max minutes, whichever comes first
+    warmup_steps: int = 0  # linear warm-up of the learning rate (fine-tuning starts with a fresh optimiser)
     betas: tuple[float, float] = (0.5, 0.999)
     batch_size: int = 1
     grad_clip: float = 0.0  # 0 = off
@@ -104,6 +108,7 @@ class TrainConfig:
     threads: int | None = None
     val_every: int = 500
     val_synthetic: int = 4
+    val_same_subject: int = 0  # validation pairs per labelled real subject: two known deformations of it
     checkpoint_every: int = 500
     log_every: int = 10
     resume: str | None = None
@@ -122,6 +127,10 @@ class TrainConfig:
         reserved = {"variant", "alpha_conditioned", "alpha", "alpha_range"} & set(self.model_options)
         if reserved:
             raise ValueError(f"set {sorted(reserved)} with their own options, not in model options")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"learning-rate schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.prepared_data and (self.images_dir or self.dataset_json or self.atlas):
+            raise ValueError("give prepared data or image files (--images-dir, --dataset-json, --atlas), not both")
         if self.batch_size < 1 or self.max_steps < 0 or self.spacing_mm <= 0:
             raise ValueError("batch size must be >= 1, max steps >= 0 and spacing > 0")
 
@@ -142,7 +151,10 @@ class TrainConfig:
             alpha_range=self.alpha_range,
         )
 
-    def dataset_spec(self) -> data_mod.DatasetSpec:
+    def dataset_spec(self):
+        """The real data to prepare (``data.DatasetSpec``; importing ``data`` needs SimpleITK)."""
+        from . import data as data_mod
+
         cache = self.cache_dir or str(Path(self.output_dir) / "cache")
         return data_mod.DatasetSpec(
             images_dir=self.images_dir,
@@ -182,16 +194,17 @@ def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3).float()
 
 
-def sample_alpha(cfg: TrainConfig, gen: torch.Generator) -> float:
-    """Log-uniform over the alpha range for conditioned models, the fixed alpha otherwise."""
+def sample_alpha(cfg: TrainConfig, gen: torch.Generator, batch: int = 1) -> torch.Tensor:
+    """One alpha per pair of the batch, ``(B,)`` on the generator's device: log-uniform over the alpha range
+    for conditioned models, the fixed alpha otherwise."""
     if not cfg.alpha_conditioned:
-        return cfg.alpha
+        return torch.full((batch,), float(cfg.alpha), device=gen.device)
     lo, hi = (math.log(a) for a in cfg.alpha_range)
-    return float(math.exp(lo + (hi - lo) * torch.rand((), generator=gen, device=gen.device).item()))
+    return torch.exp(lo + (hi - lo) * torch.rand((batch,), generator=gen, device=gen.device))
 
 
-def compute_loss(model, core: DTN, pair: synth.Pair, alpha: float, cfg: TrainConfig, use_dice: bool, amp: bool):
-    """The training loss of one batch and its parts (floats)."""
+def compute_loss(model, core: DTN, pair: synth.Pair, alpha, cfg: TrainConfig, use_dice: bool, amp: bool):
+    """The training loss of one batch and its parts (floats); ``alpha`` is a float or one per pair ``(B,)``."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     with autocast:
         v = model(pair.moving, pair.fixed, alpha)
@@ -199,9 +212,9 @@ def compute_loss(model, core: DTN, pair: synth.Pair, alpha: float, cfg: TrainCon
     u = core.displacement(v, tuple(pair.fixed.shape[2:]))
     warped = spatial.warp(pair.moving, u)
     sim = losses.similarity(cfg.similarity)(warped, pair.fixed)
-    smooth = losses.gradient_smoothness(v)
-    loss = sim + alpha * smooth
-    parts = {"similarity": sim.item(), "smoothness": smooth.item(), "dice_loss": ""}
+    smooth = losses.gradient_smoothness(v, per_sample=True)
+    loss = sim + (torch.as_tensor(alpha, device=v.device, dtype=v.dtype) * smooth).mean()
+    parts = {"similarity": sim.item(), "smoothness": smooth.mean().item(), "dice_loss": ""}
     if use_dice and cfg.dice_weight > 0 and pair.moving_labels is not None and pair.fixed_labels is not None:
         classes = int(max(pair.moving_labels.max().item(), pair.fixed_labels.max().item())) + 1
         dl = losses.dice_loss(
@@ -273,6 +286,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = self.dist.device
         self.amp = cfg.amp and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one grid shape all run long: let cuDNN pick its fastest kernels
         self._seed_all()
         self.state = load_state(cfg.resume) if cfg.resume else None
         if self.state is not None:  # before the (possibly long) data preparation
@@ -284,8 +299,11 @@ class Trainer:
         self.step = 0
         self.best_dice = -1.0
         self.elapsed_before = 0.0
+        self.bad_steps = 0
         if self.state is not None:
             self._restore(self.state)
+        self.first_step = self.step
+        self.steps_per_second: float | None = None
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
@@ -300,15 +318,25 @@ class Trainer:
 
     def _build_data(self):
         cfg = self.cfg
-        real = data_mod.load_real_data(cfg.dataset_spec(), (self.dist.rank, self.dist.world), self.dist.barrier)
-        real_source = data_mod.RealPairSource(real, cfg.p_same, cfg.augment) if real is not None else None
+        real = None
+        if cfg.prepared_data:
+            real = pairs.load_prepared(cfg.prepared_data)
+        elif cfg.images_dir or cfg.dataset_json or cfg.atlas:
+            from . import data as data_mod  # SimpleITK: only where image files are read
+
+            real = data_mod.load_real_data(cfg.dataset_spec(), (self.dist.rank, self.dist.world), self.dist.barrier)
+        real_source = pairs.RealPairSource(real, cfg.p_same, cfg.augment) if real is not None else None
         shape = real_source.shape if real_source is not None else cfg.shape
+        if real_source is not None and tuple(shape) != tuple(cfg.shape):
+            raise ValueError(f"the real volumes are {tuple(shape)}, the configured grid {tuple(cfg.shape)}")
         synth_cfg = synth.SynthConfig(num_labels=cfg.synth_labels, contrast=cfg.synth_contrast)
-        synth_source = data_mod.SynthPairSource(shape, synth_cfg) if cfg.synthetic else None
-        source = data_mod.MixedSource(real_source, synth_source, cfg.synth_fraction)
+        synth_source = pairs.SynthPairSource(shape, synth_cfg) if cfg.synthetic else None
+        source = pairs.MixedSource(real_source, synth_source, cfg.synth_fraction)
         val = []
         if self.dist.main and cfg.val_every > 0:
-            val = data_mod.validation_pairs(real, shape, cfg.val_synthetic, seed=12345, device=self.device)
+            val = pairs.validation_pairs(
+                real, shape, cfg.val_synthetic, seed=12345, device=self.device, same_subject=cfg.val_same_subject
+            )
         parts = [real.description] if real is not None else []
         if synth_source is not None:
             parts.append(f"synthetic pairs ({cfg.synth_labels} labels, {cfg.synth_contrast} contrast)")
@@ -347,22 +375,46 @@ class Trainer:
 
     # -- one step
 
-    def train_step(self) -> dict:
+    def learning_rate(self, elapsed_s: float) -> float:
+        """The schedule's rate for the next step: linear warm-up, then constant or cosine to lr/10, whose
+        progress is the larger of the steps' and the minutes' fractions (a time-limited run ends decayed)."""
+        cfg = self.cfg
+        warm = min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        if cfg.lr_schedule == "constant":
+            return cfg.lr * warm
+        progress = self.step / max(cfg.max_steps, 1)
+        if cfg.max_minutes:
+            progress = max(progress, elapsed_s / (cfg.max_minutes * 60))
+        progress = min(1.0, progress)
+        return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def train_step(self, elapsed_s: float = 0.0) -> dict:
         pair = self.sources.sample(self.gen, self.cfg.batch_size).to(self.device)
         source = self.sources.last
-        alpha = sample_alpha(self.cfg, self.gen)
+        alpha = sample_alpha(self.cfg, self.gen, pair.moving.shape[0])
         use_dice = source == "synthetic" or self.cfg.dice_real
         loss, parts = compute_loss(self.model, self.core, pair, alpha, self.cfg, use_dice, self.amp)
-        if any_rank(self.dist, not bool(torch.isfinite(loss))):  # every rank stops, none waits forever
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; lower --lr or check the data")
+        if any_rank(self.dist, not bool(torch.isfinite(loss))):  # every rank skips it, none waits forever
+            self.bad_steps += 1
+            log.warning("loss is %s at step %d: step skipped", loss.item(), self.step + 1)
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise FloatingPointError(
+                    f"loss not finite for {self.bad_steps} steps in a row at step {self.step + 1}; "
+                    "lower --lr or check the data"
+                )
+            return {}
+        self.bad_steps = 0
+        lr = self.learning_rate(elapsed_s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
-        row = {"step": self.step, "source": source, "alpha": alpha, "loss": loss.item(), **parts}
-        return self._mean_over_ranks(row)
+        row = {"step": self.step, "source": source, "alpha": float(alpha.mean()), "loss": loss.item(), **parts}
+        return self._mean_over_ranks(row) | {"lr": lr}
 
     def _mean_over_ranks(self, row: dict) -> dict:
         """Log the loss averaged over ranks (each rank saw a different pair)."""
@@ -420,12 +472,14 @@ class Trainer:
         last_saved = self.step
         with _StopFlag() as stop:
             while self.step < cfg.max_steps:
-                row = self.train_step()
+                row = self.train_step(time.monotonic() - start)
                 elapsed = self.elapsed_before + time.monotonic() - start
-                if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
-                    self.log.write({**row, "time_s": elapsed, "lr": cfg.lr})
-                if bar is not None:
+                if row and (self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps):
+                    self.log.write({**row, "time_s": elapsed})
+                if bar is not None and row:
                     self._show(bar, row, deadline)
+                if row and self.step == self.first_step + RATE_AFTER_STEPS:
+                    self._report_rate(time.monotonic() - start)
                 if cfg.val_every > 0 and self.step % cfg.val_every == 0:
                     self.run_validation(elapsed)
                 timed_out = deadline is not None and time.monotonic() >= deadline
@@ -447,6 +501,19 @@ class Trainer:
         self.log.close()
         self.dist.barrier()
         return final
+
+    def _report_rate(self, seconds: float) -> None:
+        """Steps per second over the first steps (start-up and cuDNN's kernel search included), said once."""
+        self.steps_per_second = RATE_AFTER_STEPS / max(seconds, 1e-9)
+        if self.dist.main:
+            log.info(
+                "throughput: %.2f steps/s (%.1f pairs/s, batch %d, %s%s)",
+                self.steps_per_second,
+                self.steps_per_second * self.cfg.batch_size * self.dist.world,
+                self.cfg.batch_size,
+                self.device,
+                ", bf16" if self.amp else "",
+            )
 
     @staticmethod
     def _show(bar, row: dict, deadline: float | None) -> None:
