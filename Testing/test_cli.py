@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from DTNRegistrationLib import cli, models
 from DTNRegistrationLib.network import build_model
 
 SHAPE = (32, 40, 36)
-OUTPUTS = ["warped", "displacement", "inverse_displacement", "jacobian", "folding", "warped_labels"]
+OUTPUTS = ["warped", "displacement", "jacobian", "folding", "warped_labels"]  # the default: no inverse
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,37 @@ def test_scene_option_writes_an_mrb_that_loads_back(files, tmp_path):
     assert context.scene.ReadFromMRB(str(scene_path))
     names = {context.scene.GetNthNode(i).GetName() for i in range(context.scene.GetNumberOfNodes())}
     assert {"moving", "fixed", "moving to fixed DTN transform", "moving warped to fixed"} <= names
+
+
+def test_only_the_outputs_asked_for_are_written_and_float_maps_are_valid_gzip(files, tmp_path):
+    out = tmp_path / "o"
+    assert (
+        run(files, out, "--outputs", "displacement,inverse", "--moving-labels", str(files / "moving_labels.nii.gz"))
+        == 0
+    )
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["displacement.nii.gz", "inverse_displacement.nii.gz", "report.json", "warped_labels.nii.gz"]
+    with gzip.open(out / "displacement.nii.gz", "rb") as handle:  # stored blocks, but a gzip stream all the same
+        assert len(handle.read()) > 3 * 4 * np.prod(SHAPE)
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    assert field.GetSize() == SHAPE[::-1] and field.GetNumberOfComponentsPerPixel() == 3
+    with pytest.raises(SystemExit) as exit_info:
+        run(files, tmp_path / "bad", "--outputs", "warped,everything")
+    assert exit_info.value.code == 2
+
+
+def test_presets_reach_the_report(files, tmp_path):
+    assert (
+        cli.main(
+            ["register", "--moving", str(files / "moving.nii.gz"), "--fixed", str(files / "fixed.nii.gz"), "--quiet"]
+            + ["--output-dir", str(tmp_path / "a"), "--model", str(files / "tiny.safetensors"), "--preset", "fast"]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "a" / "report.json").read_text())["metrics"]
+    assert metrics["preset"] == "fast" and metrics["refine_levels_mm"] == [4.0, 2.0]
+    taken = metrics["refine_steps_taken"]
+    assert len(taken) == 2 and 0 < sum(taken) <= metrics["refine_steps"]
 
 
 def test_refinement_options_reach_the_report(files, tmp_path):

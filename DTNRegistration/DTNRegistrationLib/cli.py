@@ -22,11 +22,38 @@ SAMPLE = {
 }
 
 
+OUTPUT_CHOICES = ("warped", "displacement", "inverse", "jacobian", "folding")
+DEFAULT_OUTPUTS = ("warped", "displacement", "jacobian", "folding")  # the inverse is computed only when asked for
+
+
+def _output_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(set(names) - set(OUTPUT_CHOICES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown output(s) {unknown}; choose from {','.join(OUTPUT_CHOICES)}")
+    return names
+
+
 def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="smoothness weight (default: the model's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--model", default=None, help="shipped model name or a .safetensors path")
-    parser.add_argument("--refine", type=int, default=None, help="test-time optimisation steps (default: 25)")
+    parser.add_argument(
+        "--preset",
+        choices=["fast", "accurate"],
+        default=None,
+        help="refinement schedule: fast (default; coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level)",
+    )
+    parser.add_argument(
+        "--refine", type=int, default=None, help="N steps on the 2 mm grid instead of the preset (0: network alone)"
+    )
+    parser.add_argument(
+        "--outputs",
+        type=_output_list,
+        default=DEFAULT_OUTPUTS,
+        help=f"files to write, comma-separated from {','.join(OUTPUT_CHOICES)} (default: {','.join(DEFAULT_OUTPUTS)};"
+        " report.json always; warped_labels whenever labels are given)",
+    )
     parser.add_argument(
         "--refine-similarity", choices=["l1", "mse", "ncc"], help="similarity of the refinement (default: ncc)"
     )
@@ -130,13 +157,15 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
             device=args.device,
             model=loaded,
             refine=args.refine,
+            preset=args.preset,
             refine_similarity=args.refine_similarity,
             affine=not args.no_affine,
+            inverse="inverse" in args.outputs,
             progress=progress,
         )
         named = {"moving": moving, "fixed": fixed, "moving_labels": moving_labels, "fixed_labels": fixed_labels}
         inputs = {key: None if value is None else str(value) for key, value in {**named, "mask": mask}.items()}
-        outputs.write_result(result, stage, extension, inputs)
+        outputs.write_result(result, stage, extension, inputs, args.outputs)
         if scene:
             from .mrml import write_scene_from_files
 

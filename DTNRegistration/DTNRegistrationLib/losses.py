@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import spatial
+
 
 def l1(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean absolute difference: the paper's similarity term."""
@@ -61,8 +63,38 @@ def dice_loss(warped_onehot: torch.Tensor, fixed_onehot: torch.Tensor, eps: floa
 SIMILARITIES = {"l1": l1, "mse": mse, "ncc": local_ncc}
 
 
+def registration_objective(
+    v: torch.Tensor,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    alpha: float | torch.Tensor,
+    *,
+    similarity: str = "ncc",
+    window: int = 9,
+    mask: torch.Tensor | None = None,
+    integration_steps: int = 7,
+) -> torch.Tensor:
+    """The paper's loss: ``similarity(moving o exp(v), fixed) + alpha * ||grad v||^2``.
+
+    ``v`` is a velocity in voxels of its own grid (possibly coarser than the images'); ``alpha`` a float or one
+    value per pair of the batch; ``window`` is the NCC window (ignored by L1 and MSE).
+    """
+    u = spatial.resize_field(spatial.integrate(v, integration_steps), tuple(fixed.shape[2:]))
+    warped = spatial.warp(moving, u)
+    if similarity == "ncc":
+        sim = local_ncc(warped, fixed, window, mask)
+    else:
+        sim = _lookup(similarity)(warped, fixed, mask)
+    smooth = gradient_smoothness(v, per_sample=True)
+    return sim + (torch.as_tensor(alpha, device=v.device, dtype=v.dtype) * smooth).mean()
+
+
 def similarity(name: str):
     """The similarity function called ``name`` (``l1``, ``mse`` or ``ncc``)."""
+    return _lookup(name)
+
+
+def _lookup(name: str):
     try:
         return SIMILARITIES[name]
     except KeyError:

@@ -64,12 +64,22 @@ def physical_jacobian_determinant(
         raise ValueError(f"expected a (K, J, I, 3) vector field, got shape {field.shape}")
     _check_thick(field.shape[:3])
     to_physical = torch.from_numpy(np.linalg.inv(np.reshape(direction, (3, 3)) @ np.diag(spacing)).astype(np.float32))
-    # torch.gradient has np.gradient's stencils and runs multi-threaded (3x faster on a 1 mm brain)
     values = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))
-    dk, dj, di = torch.gradient(values, dim=(0, 1, 2))  # each (K, J, I, 3): d(component)/d(index axis)
-    grad_index = torch.stack([di, dj, dk], dim=-1)  # [..., component, index axis i/j/k]
-    del dk, dj, di
-    return _det_identity_plus(grad_index @ to_physical).numpy()
+    out = torch.empty(values.shape[:3], dtype=torch.float32)
+    # Slabs of a few K-slices (plus one slice of halo each side, so interior derivatives stay central): the
+    # temporaries stay in cache; 3-4x faster than the whole volume at once on a 1 mm brain, same values.
+    for start in range(0, values.shape[0], JACOBIAN_SLAB):
+        stop = min(values.shape[0], start + JACOBIAN_SLAB)
+        low, high = max(0, start - 1), min(values.shape[0], stop + 1)
+        block = values[low:high]
+        keep = slice(start - low, stop - low)
+        dk, dj, di = torch.gradient(block, dim=(0, 1, 2))  # K >= 2 (checked), so every block has 2+ slices
+        grad_index = torch.stack([di[keep], dj[keep], dk[keep]], dim=-1)  # [..., component, index axis i/j/k]
+        out[start:stop] = _det_identity_plus(grad_index @ to_physical)
+    return out.numpy()
+
+
+JACOBIAN_SLAB = 4  # K-slices per block of physical_jacobian_determinant
 
 
 def _check_thick(shape: Sequence[int]) -> None:

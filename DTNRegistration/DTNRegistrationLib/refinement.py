@@ -1,12 +1,68 @@
-"""Test-time optimisation: refine the network's velocity field on one pair with the training objective."""
+"""Test-time optimisation: refine the network's velocity field on one pair, coarse to fine.
+
+The objective is the training one (``losses.registration_objective``: similarity of the warped moving image to the
+fixed one, plus alpha ||grad v||^2). A schedule is a list of levels, each an image spacing with its own steps, NCC
+window and velocity grid; the velocity found so far is kept at the finest resolution reached, and each level
+optimises a correction on its own grid (coarse levels move the anatomy far and cheaply, fine ones add the detail).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import losses, metrics, spatial
+
+
+@dataclass(frozen=True)
+class RefineLevel:
+    """One level of a schedule: images at ``spacing_mm``, the velocity correction on a grid ``velocity_factor``
+    times coarser, ``steps`` Adam steps of ``learning_rate`` (voxels of the velocity grid) with an NCC window of
+    ``window`` voxels of the level's images."""
+
+    spacing_mm: float
+    steps: int
+    window: int = 5
+    learning_rate: float = 0.1
+    velocity_factor: int = 2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A refinement schedule; ``tolerance`` stops a level early once the objective's relative decrease over the
+    last ``patience`` steps falls below it (0 = always run every step)."""
+
+    levels: tuple[RefineLevel, ...]
+    tolerance: float = 0.0
+    patience: int = 5
+
+    @property
+    def steps(self) -> int:
+        return sum(level.steps for level in self.levels)
+
+    @property
+    def spacings(self) -> list[float]:
+        return [level.spacing_mm for level in self.levels]
+
+
+def single_level(steps: int, spacing_mm: float, window: int = 9, learning_rate: float = 0.05) -> Schedule:
+    """The one-level schedule of ``--refine N``: N steps on the work grid (the behaviour before schedules)."""
+    return Schedule((RefineLevel(spacing_mm, steps, window, learning_rate, 2),))
+
+
+# The presets (chosen by measurement on the development pairs: docs/benchmarks.md, refinement study).
+PRESETS = {
+    "fast": Schedule((RefineLevel(4.0, 30, 5, 0.2, 2), RefineLevel(2.0, 8, 5, 0.1, 2))),
+    "accurate": Schedule(
+        (RefineLevel(4.0, 40, 5, 0.2, 2), RefineLevel(2.0, 20, 5, 0.1, 2), RefineLevel(1.0, 10, 5, 0.1, 2))
+    ),
+}
+
+# A network field folding on more than this share of its grid is not used (the issue's goal for the result).
+MAX_START_FOLDING_PERCENT = 0.01
 
 
 def objective(
@@ -14,19 +70,23 @@ def objective(
     moving: torch.Tensor,
     fixed: torch.Tensor,
     alpha: float,
-    similarity: str = "l1",
+    *,
+    similarity: str = "ncc",
+    window: int = 9,
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
 ) -> torch.Tensor:
-    """``similarity(moving o exp(v), fixed) + alpha * ||grad v||^2``, with ``v`` on its own (coarser) grid."""
-    u = spatial.resize_field(spatial.integrate(v, integration_steps), tuple(fixed.shape[2:]))
-    return losses.similarity(similarity)(spatial.warp(moving, u), fixed, mask=mask) + alpha * (
-        losses.gradient_smoothness(v)
+    """The registration objective of ``v`` (on its own, possibly coarser, grid) on one image pair."""
+    return losses.registration_objective(
+        v,
+        moving,
+        fixed,
+        alpha,
+        similarity=similarity,
+        window=window,
+        mask=mask,
+        integration_steps=integration_steps,
     )
-
-
-# A network field folding on more than this share of its grid is not used (the issue's goal for the result).
-MAX_START_FOLDING_PERCENT = 0.01
 
 
 def folding_percent(velocity: torch.Tensor, integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS) -> float:
@@ -41,7 +101,8 @@ def better_start(
     moving: torch.Tensor,
     fixed: torch.Tensor,
     alpha: float,
-    similarity: str = "l1",
+    *,
+    similarity: str = "ncc",
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
 ) -> tuple[torch.Tensor, str]:
@@ -52,14 +113,90 @@ def better_start(
     field and ``"network"``, ``"identity"`` or ``"identity (network field folds)"``.
     """
     zero = torch.zeros_like(velocity)
+    options = dict(similarity=similarity, mask=mask, integration_steps=integration_steps)
     with torch.no_grad():
-        network = float(objective(velocity, moving, fixed, alpha, similarity, mask, integration_steps))
-        identity = float(objective(zero, moving, fixed, alpha, similarity, mask, integration_steps))
+        network = float(objective(velocity, moving, fixed, alpha, **options))
+        identity = float(objective(zero, moving, fixed, alpha, **options))
     if network > identity:
         return zero, "identity"
     if folding_percent(velocity, integration_steps) > MAX_START_FOLDING_PERCENT:
         return zero, "identity (network field folds)"
     return velocity, "network"
+
+
+def _pool_mask(mask: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
+    if mask is None or tuple(mask.shape[2:]) == tuple(shape):
+        return mask
+    return (F.interpolate(mask.float(), size=tuple(shape), mode="trilinear", align_corners=False) > 0.5).float()
+
+
+def _velocity_shape(image_shape: Sequence[int], factor: int) -> tuple[int, ...]:
+    return tuple(max(2, n // factor) for n in image_shape)
+
+
+def refine_schedule(
+    velocity: torch.Tensor,
+    pyramid: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    schedule: Schedule,
+    alpha: float,
+    *,
+    similarity: str = "ncc",
+    mask: torch.Tensor | None = None,
+    integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Refine ``velocity`` level by level; ``pyramid[i]`` is the (moving, fixed) pair of ``schedule.levels[i]``.
+
+    The running velocity keeps the finest grid it has reached: each level optimises a correction ``dv`` on its own
+    velocity grid, the objective sees ``resize(v) + dv``, and the correction is then added back at ``v``'s grid.
+    ``on_step(done, total, loss)`` runs after every step (progress; cancel by raising). Returns the velocity and the
+    steps each level took (fewer than scheduled where the tolerance stopped it).
+    """
+    v = velocity.detach()
+    total, done, taken = schedule.steps, 0, []
+    for level, (moving, fixed) in zip(schedule.levels, pyramid):
+        grid = _velocity_shape(fixed.shape[2:], level.velocity_factor)
+        if tuple(v.shape[2:]) != grid and v.shape[2] < grid[0]:  # a finer level: the running field moves up
+            v = spatial.resize_field(v, grid)
+        base = spatial.resize_field(v, grid)
+        dv = torch.zeros_like(base, requires_grad=True)
+        optimiser = torch.optim.Adam([dv], lr=level.learning_rate)
+        level_mask = _pool_mask(mask, fixed.shape[2:])
+        history: list[float] = []
+        steps = 0
+        for _ in range(level.steps):
+            optimiser.zero_grad(set_to_none=True)
+            loss = objective(
+                base + dv,
+                moving,
+                fixed,
+                alpha,
+                similarity=similarity,
+                window=level.window,
+                mask=level_mask,
+                integration_steps=integration_steps,
+            )
+            loss.backward()
+            optimiser.step()
+            steps += 1
+            done += 1
+            history.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(done, total, history[-1])
+            if _converged(history, schedule.tolerance, schedule.patience):
+                break
+        done += level.steps - steps
+        taken.append(steps)
+        v = v + spatial.resize_field(dv.detach(), tuple(v.shape[2:]))
+    return v, taken
+
+
+def _converged(history: list[float], tolerance: float, patience: int) -> bool:
+    """The objective fell by less than ``tolerance`` (relative) over the last ``patience`` steps."""
+    if tolerance <= 0 or len(history) <= patience:
+        return False
+    before, now = history[-1 - patience], history[-1]
+    return (before - now) < tolerance * abs(before)
 
 
 def refine_velocity(
@@ -68,23 +205,26 @@ def refine_velocity(
     fixed: torch.Tensor,
     alpha: float,
     steps: int,
-    similarity: str = "l1",
+    *,
+    similarity: str = "ncc",
+    window: int = 9,
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
     learning_rate: float = 0.05,
     on_step: Callable[[int, float], None] | None = None,
 ) -> torch.Tensor:
-    """Minimise :func:`objective` over ``v`` by Adam (voxel units), starting from ``velocity``.
-
-    ``on_step(step, loss)`` runs after every step (progress; cancel by raising).
-    """
-    v = velocity.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([v], lr=learning_rate)
-    for step in range(steps):
-        optimiser.zero_grad(set_to_none=True)
-        loss = objective(v, moving, fixed, alpha, similarity, mask, integration_steps)
-        loss.backward()
-        optimiser.step()
-        if on_step is not None:
-            on_step(step, float(loss.detach()))
-    return v.detach()
+    """``steps`` Adam steps on ``v`` itself (one level, on ``velocity``'s own grid); ``on_step(step, loss)``."""
+    factor = max(1, round(fixed.shape[2] / velocity.shape[2]))
+    level = RefineLevel(0.0, steps, window, learning_rate, factor)
+    callback = None if on_step is None else (lambda done, total, loss: on_step(done - 1, loss))
+    v, _ = refine_schedule(
+        velocity,
+        [(moving, fixed)],
+        Schedule((level,)),
+        alpha,
+        similarity=similarity,
+        mask=mask,
+        integration_steps=integration_steps,
+        on_step=callback,
+    )
+    return v

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from . import imaging, metrics, spatial
 from .imaging import InputError
 from .losses import SIMILARITIES
 from .models import LoadedModel, load_model
-from .refinement import better_start, refine_velocity
+from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level
 
-# Test-time refinement by default: the shipped network, after its short CPU training at 4 mm, is only a little better
-# than the affine start alone (see its model card), and 25 steps of local NCC scored best for the time on the 1 mm
-# development pairs (docs/benchmarks.md: refinement study).
-DEFAULT_REFINE_STEPS = 25
+# Test-time refinement by default, coarse to fine: the shipped network is only a little better than the affine start
+# alone (see its model card); the presets' schedules were chosen on the development pairs (docs/benchmarks.md).
+DEFAULT_PRESET = "fast"
 DEFAULT_REFINE_SIMILARITY = "ncc"
 # Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
 # times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
@@ -39,7 +39,7 @@ class Cancelled(Exception):
 class RegistrationResult:
     warped: sitk.Image
     displacement: sitk.Image
-    inverse_displacement: sitk.Image
+    inverse_displacement: sitk.Image | None  # None unless asked for (``register(..., inverse=True)``)
     jacobian: sitk.Image
     folding: sitk.Image
     warped_labels: sitk.Image | None
@@ -98,8 +98,10 @@ def register(
     device: str = "auto",
     model: str | LoadedModel | None = None,
     refine: int | None = None,
+    preset: str | None = None,
     refine_similarity: str | None = None,
     affine: bool = True,
+    inverse: bool = True,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> RegistrationResult:
@@ -115,9 +117,7 @@ def register(
     alpha = float(cfg.alpha if alpha is None else alpha)
     if alpha <= 0 or not np.isfinite(alpha):
         raise InputError(f"alpha must be a positive number, got {alpha}")
-    refine = DEFAULT_REFINE_STEPS if refine is None else int(refine)
-    if refine < 0:
-        raise InputError(f"refine steps must be >= 0, got {refine}")
+    schedule = refinement_schedule(preset, refine)
     refine_similarity = refine_similarity or DEFAULT_REFINE_SIMILARITY
     if refine_similarity not in SIMILARITIES:
         raise InputError(f"unknown refinement similarity {refine_similarity!r}; choose one of {sorted(SIMILARITIES)}")
@@ -157,20 +157,34 @@ def register(
         pair = tuple(t.to(torch_device) for t in pair)
     mask_t = None if mask_grid is None else _tensor(mask_grid, torch_device)
     steps = loaded.config.integration_steps
-    velocity, origin = better_start(velocity, *pair, alpha, refine_similarity, mask_t, steps)
-    refine_info = {"start": origin, "refine_steps": refine, "refine_similarity": refine_similarity}
-    if refine:
-        stages.begin("refine", 0.4, f"refining ({refine} steps)")
-        velocity = _refine(velocity, pair, mask_t, alpha, refine, refine_similarity, steps, stages)
+    velocity, origin = better_start(
+        velocity, *pair, alpha, similarity=refine_similarity, mask=mask_t, integration_steps=steps
+    )
+    refine_info = {
+        "start": origin,
+        "preset": None if refine is not None else (preset or DEFAULT_PRESET),
+        "refine_steps": schedule.steps,
+        "refine_levels_mm": schedule.spacings,
+        "refine_similarity": refine_similarity,
+    }
+    if schedule.steps:
+        stages.begin("refine", 0.4, f"refining ({schedule.steps} steps)")
+        levels = _pyramid(schedule, pair, reference, (moving_norm, fixed_norm), transform, torch_device)
+        velocity, taken = _refine(velocity, levels, mask_t, alpha, schedule, refine_similarity, steps, stages)
+        refine_info["refine_steps_taken"] = taken
+        reference = _finest(reference, schedule)
 
     stages.begin("outputs", 0.85, "building the deformation on the fixed grid")
     with torch.inference_mode():
         shape = tuple(sitk.GetArrayViewFromImage(reference).shape)
         forward = loaded.model.displacement(velocity, shape)
-        backward = loaded.model.displacement(velocity, shape, inverse=True)
+        backward = loaded.model.displacement(velocity, shape, inverse=True) if inverse else None
     displacement = _full_map(_field_image(forward, reference, _corners(fixed)), transform, fixed)
-    moving_corners = _corners(moving, transform.GetInverse())  # where the inverse field is evaluated
-    inverse = _full_map(_field_image(backward, reference, moving_corners), transform.GetInverse(), moving, inverse=True)
+    inverse_map = None
+    if backward is not None:
+        moving_corners = _corners(moving, transform.GetInverse())  # where the inverse field is evaluated
+        inverse_field = _field_image(backward, reference, moving_corners)
+        inverse_map = _full_map(inverse_field, transform.GetInverse(), moving, inverse=True)
     warped = sitk.Resample(moving, fixed, _as_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     jac_array = metrics.physical_jacobian_determinant(
         sitk.GetArrayViewFromImage(displacement), fixed.GetSpacing(), fixed.GetDirection()
@@ -194,7 +208,7 @@ def register(
     return RegistrationResult(
         warped=warped,
         displacement=displacement,
-        inverse_displacement=inverse,
+        inverse_displacement=inverse_map,
         jacobian=jacobian,
         folding=folding,
         warped_labels=warped_labels,
@@ -255,16 +269,67 @@ def _predict(loaded: LoadedModel, moving: torch.Tensor, fixed: torch.Tensor, alp
         return _predict(loaded, moving.cpu(), fixed.cpu(), alpha)
 
 
-def _refine(velocity, pair, mask, alpha, steps, similarity, integration_steps, stages) -> torch.Tensor:
-    def on_step(step: int, loss: float) -> None:
+def refinement_schedule(preset: str | None, refine: int | None) -> Schedule:
+    """The schedule a run uses: ``refine`` steps on the work grid when given (0: the network alone), else the
+    preset's (``fast`` by default)."""
+    if refine is not None:
+        if int(refine) < 0:
+            raise InputError(f"refine steps must be >= 0, got {refine}")
+        return single_level(int(refine), WORK_SPACING_MM)
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def _pyramid(schedule: Schedule, pair, reference: sitk.Image, normalised, transform, device) -> list:
+    """The (moving, fixed) tensors of each level: the work grid's, average-pooled copies for coarser levels, and
+    the normalised images resampled afresh onto finer grids (same extent, stride-pyramid voxel centres)."""
+    work = reference.GetSpacing()[0]
+    levels = []
+    for spacing in schedule.spacings:
+        ratio = spacing / work
+        if ratio >= 1:
+            factor = int(round(ratio))
+            if abs(ratio - factor) > 1e-6:
+                raise ValueError(f"level spacing {spacing} mm is not a multiple of the work grid's {work} mm")
+            levels.append(tuple(F.avg_pool3d(t, factor) if factor > 1 else t for t in pair))
+        else:
+            fine = imaging.finer_grid(reference, int(round(1 / ratio)))
+            moving_norm, fixed_norm = normalised
+            levels.append(
+                (
+                    _tensor(imaging.resample(moving_norm, fine, transform=transform), device),
+                    _tensor(imaging.resample(fixed_norm, fine), device),
+                )
+            )
+    return levels
+
+
+def _finest(reference: sitk.Image, schedule: Schedule) -> sitk.Image:
+    """The grid the output field is built on: the work grid, or the finest refinement level's."""
+    finest = min(schedule.spacings, default=reference.GetSpacing()[0])
+    ratio = reference.GetSpacing()[0] / finest
+    return imaging.finer_grid(reference, int(round(ratio))) if ratio > 1 + 1e-6 else reference
+
+
+def _refine(velocity, levels, mask, alpha, schedule, similarity, integration_steps, stages):
+    def on_step(done: int, total: int, loss: float) -> None:
         stages.check_cancel()
         if stages.progress is not None:
-            stages.progress(
-                round(0.4 + 0.45 * (step + 1) / steps, 6), f"refining: step {step + 1}/{steps}, loss {loss:.4f}"
-            )
+            stages.progress(round(0.4 + 0.45 * done / total, 6), f"refining: step {done}/{total}, loss {loss:.4f}")
 
     with torch.enable_grad():
-        return refine_velocity(velocity, *pair, alpha, steps, similarity, mask, integration_steps, on_step=on_step)
+        return refine_schedule(
+            velocity,
+            levels,
+            schedule,
+            alpha,
+            similarity=similarity,
+            mask=mask,
+            integration_steps=integration_steps,
+            on_step=on_step,
+        )
 
 
 def _field_image(u: torch.Tensor, reference: sitk.Image, cover: np.ndarray) -> sitk.Image:
