@@ -111,12 +111,20 @@ def _with_nan() -> np.ndarray:
     return array
 
 
+def _truncated(folder):
+    """A NIfTI file cut to half its compressed bytes: SimpleITK alone would read it, the rest zero-filled."""
+    path = _write(folder / "cut.nii.gz", np.random.default_rng(0).random(SHAPE).astype(np.float32))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
 BAD_INPUTS = {
     "missing": (lambda d: d / "nope.nii.gz", "file not found"),
     "unreadable": (lambda d: (d / "junk.nii.gz").write_bytes(b"not an image") and d / "junk.nii.gz", "cannot be read"),
     "two_d": (lambda d: _write(d / "flat.nrrd", np.random.rand(30, 30).astype(np.float32), (1.0, 1.0)), "2-D image"),
     "constant": (lambda d: _write(d / "const.nii.gz", np.ones(SHAPE, np.float32)), "is constant"),
     "nan": (lambda d: _write(d / "nan.mha", _with_nan()), "NaN or Inf"),
+    "truncated": (_truncated, "cut.nii.gz: truncated: the compressed data ends before its end-of-stream marker"),
 }
 
 
