@@ -201,3 +201,11 @@ def test_bad_shard_exits_2_with_one_line(files, tmp_path, capsys, shard):
     err = capsys.readouterr().err.strip()
     assert err.startswith("dtnreg: error: --shard ") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_format_exits_2_before_any_pair(files, tmp_path, capsys):
+    pairs = write_csv(tmp_path / "pairs.csv", [labelled(files, "p"), labelled(files, "q")])
+    assert run_batch(files, pairs, tmp_path / "out", "--format", ".png") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dtnreg: error: output format '.png' is not supported; choose one of .nii.gz, .nii, .nrrd, .mha, .mhd"
+    assert not (tmp_path / "out").exists()

@@ -203,9 +203,10 @@ def cmd_register(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .batch import batch_rows, parse_shard, run_batch
+    from .batch import batch_rows, parse_shard, requested_options, run_batch
 
-    parse_shard(args.shard)  # bad input is reported before the model is loaded
+    parse_shard(args.shard)  # bad input is reported once, before the model is loaded
+    requested_options(args)
     rows = batch_rows(args)
     return run_batch(args, rows, _load(args), _run_pair)
 
