@@ -1,6 +1,7 @@
-"""The ``dtnreg`` command line: register | batch | demo | train | benchmark | evaluate.
+"""The ``dtnreg`` command line: register | batch | batch-merge | demo | train | benchmark | evaluate.
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming the file and the problem), 1 anything else.
+Exit codes: 0 success, 2 bad input (one line on stderr naming the file and the problem), 3 (batch, batch-merge)
+some pairs failed or are still pending while the others were done, 1 anything else.
 """
 
 from __future__ import annotations
@@ -81,8 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,name]")
     batch.add_argument("--fixed", help="atlas mode: one fixed image ...")
     batch.add_argument("--moving", nargs="+", help="... and many moving images")
-    batch.add_argument("--output-dir", required=True, help="one sub-folder per pair")
+    batch.add_argument("--output-dir", required=True, help="one sub-folder per pair, and batch_summary.csv")
+    batch.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="only every N-th pair, starting with the K-th (K from 1 to N): a job array's part",
+    )
     _add_registration_options(batch)
+
+    merge = sub.add_parser("batch-merge", help="merge the summaries of `dtnreg batch --shard K/N` runs")
+    merge.add_argument("--output-dir", required=True, help="the shards' common --output-dir")
 
     demo = sub.add_parser("demo", help="register the bundled sample pair and draw a figure")
     demo.add_argument("--output-dir", default="demo-output")
@@ -137,6 +146,7 @@ class _Progress:
 def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed_labels=None, mask=None, scene=None):
     """Read, register and write one pair; returns the result. Nothing is left behind on failure."""
     from . import imaging, outputs, registration
+    from .batch import input_fingerprints, requested_options
 
     extension = outputs.check_extension(args.format)
     stage = outputs.StagedOutput(output_dir)
@@ -147,6 +157,10 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
         m_labels = imaging.read_labels(moving_labels, moving_img, "moving labels") if moving_labels else None
         f_labels = imaging.read_labels(fixed_labels, fixed_img, "fixed labels") if fixed_labels else None
         mask_img = imaging.read_labels(mask, fixed_img, "mask") if mask else None
+        named = {"moving": moving, "fixed": fixed, "moving_labels": moving_labels, "fixed_labels": fixed_labels}
+        inputs = {key: None if value is None else str(value) for key, value in {**named, "mask": mask}.items()}
+        # what these outputs were made from, taken before the work: `dtnreg batch` skips a pair when it matches
+        provenance = {"input_files": input_fingerprints(inputs), "options": requested_options(args)}
         result = registration.register(
             moving_img,
             fixed_img,
@@ -163,9 +177,7 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
             inverse="inverse" in args.outputs,
             progress=progress,
         )
-        named = {"moving": moving, "fixed": fixed, "moving_labels": moving_labels, "fixed_labels": fixed_labels}
-        inputs = {key: None if value is None else str(value) for key, value in {**named, "mask": mask}.items()}
-        outputs.write_result(result, stage, extension, inputs, args.outputs)
+        outputs.write_result(result, stage, extension, inputs, provenance, args.outputs)
         if scene:
             from .mrml import write_scene_from_files
 
@@ -219,44 +231,19 @@ def cmd_register(args) -> int:
     return 0
 
 
-def _batch_rows(args) -> list[dict]:
-    if args.pairs:
-        from .evaluation_inputs import pairs_from_csv  # the same CSV layout as `dtnreg evaluate`
-
-        return [
-            {
-                **{k: None if v is None else str(v) for k, v in vars(spec).items()},
-                "name": spec.name.replace("->", "_to_"),
-            }
-            for spec in pairs_from_csv(args.pairs)
-        ]
-    if args.fixed and args.moving:
-        return [{"moving": m, "fixed": args.fixed} for m in args.moving]
-    raise InputError("batch needs --pairs CSV, or --fixed ATLAS with --moving IMAGES")
-
-
 def cmd_batch(args) -> int:
-    rows = _batch_rows(args)
-    loaded = _load(args)
-    failures = 0
-    for i, row in enumerate(rows):
-        name = row.get("name") or f"{i:03d}_{Path(row['moving']).name.split('.')[0]}"
-        try:
-            _run_pair(
-                args,
-                loaded,
-                row["moving"],
-                row["fixed"],
-                Path(args.output_dir) / name,
-                row.get("moving_labels") or None,
-                row.get("fixed_labels") or None,
-                row.get("mask") or None,
-            )
-        except InputError as err:
-            failures += 1
-            print(f"dtnreg: pair {name}: {err}", file=sys.stderr)
-    print(f"{len(rows) - failures} of {len(rows)} pairs registered", file=sys.stderr)
-    return 2 if failures else 0
+    from .batch import batch_rows, parse_shard, requested_options, run_batch
+
+    parse_shard(args.shard)  # bad input is reported once, before the model is loaded
+    requested_options(args)
+    rows = batch_rows(args)
+    return run_batch(args, rows, _load(args), _run_pair)
+
+
+def cmd_batch_merge(args) -> int:
+    from .batch import merge_summaries
+
+    return merge_summaries(args.output_dir)
 
 
 def cmd_demo(args) -> int:
@@ -307,6 +294,7 @@ def cmd_evaluate(args) -> int:
 COMMANDS = {
     "register": cmd_register,
     "batch": cmd_batch,
+    "batch-merge": cmd_batch_merge,
     "demo": cmd_demo,
     "benchmark": cmd_benchmark,
     "train": cmd_train,

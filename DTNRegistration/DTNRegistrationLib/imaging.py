@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .file_checks import data_problem
+
 SIZE_MULTIPLE = 16
 LABEL_PIXEL_TYPES = {
     sitk.sitkUInt8,
@@ -49,6 +51,12 @@ def _read(path: str | os.PathLike, what: str) -> sitk.Image:
         raise InputError(f"{what} {path}: file not found")
     if not path.is_file() or not os.access(path, os.R_OK):
         raise InputError(f"{what} {path}: not a readable file")
+    try:  # before SimpleITK, which zero-fills a truncated NIfTI file without a word
+        problem = data_problem(path)
+    except OSError as err:
+        raise InputError(f"{what} {path}: cannot be read ({err.strerror or err})") from None
+    if problem:
+        raise InputError(f"{what} {path}: {problem}")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:

@@ -54,7 +54,8 @@ class StagedOutput:
 
     def commit(self) -> list[Path]:
         written = []
-        for item in sorted(self.stage.iterdir()):
+        # report.json last: once it is in place every other file is too (batch resume relies on this)
+        for item in sorted(self.stage.iterdir(), key=lambda p: (p.name == "report.json", p.name)):
             target = self.output_dir / item.name
             os.replace(item, target)
             written.append(target)
@@ -70,10 +71,15 @@ def write_result(
     stage: StagedOutput,
     extension: str = ".nii.gz",
     inputs: dict | None = None,
+    provenance: dict | None = None,
     which: tuple[str, ...] | None = None,
 ) -> None:
     """Write the images of ``result`` (those named in ``which``, default all; ``inverse`` names the inverse
-    displacement) and ``report.json`` into the staging folder. Warped labels are written whenever present."""
+    displacement; warped labels whenever present) and ``report.json`` into the staging folder.
+
+    ``provenance`` (e.g. ``input_files`` fingerprints and the requested ``options``) is stored in the report as
+    given, with the list of files written (``outputs``): what `dtnreg batch` checks before skipping a pair.
+    """
     images = {
         "warped": result.warped,
         "displacement": result.displacement,
@@ -105,7 +111,8 @@ def write_result(
     # leaving the block waits for every writer, so a failure never races the staging folder's removal
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(write, images))
-    stage.path("report.json").write_text(json.dumps(report(result, inputs), indent=2) + "\n")
+    content = {**report(result, inputs), **(provenance or {}), "outputs": [name + extension for name in images]}
+    stage.path("report.json").write_text(json.dumps(content, indent=2) + "\n")
 
 
 def write_stored_gzip(image: sitk.Image, path: Path) -> None:
@@ -138,6 +145,15 @@ def report(result: RegistrationResult, inputs: dict | None = None) -> dict:
         },
         "versions": versions(),
     }
+
+
+def file_fingerprint(path: str | os.PathLike | None) -> dict | None:
+    """Resolved path, size and modification time of an input: enough to notice it was replaced or edited."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    stat = path.stat()
+    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def versions() -> dict:
