@@ -1,20 +1,24 @@
-"""End-to-end speed and Dice at 1 mm: `dtnreg register` against ANTs SyN (antspyx) on the same pairs, one run.
+"""End-to-end speed, memory and Dice at 1 mm: `dtnreg register` (presets) against PICSL greedy and ANTs SyN, one run.
 
-    ../shared/data/fetch.sh /tmp/dtn-devdata      # the development images (see ../shared/data/README.md)
-    python scripts/benchmark_registration.py /tmp/dtn-devdata [--refine N ...] > docs/registration-benchmark.md
+    ../shared/data/fetch.sh /tmp/dtn-devdata && pip install antspyx picsl_greedy
+    python scripts/benchmark_registration.py /tmp/dtn-devdata [--methods fast accurate refine25 greedy syn]
 
-Pairs (every fixed image on a 1 mm grid): the ITK example brain -> ICBM 2009a (tissue labels CSF, GM, WM),
-the ROBEX brain -> ICBM 2009a and ICBM 2009a -> the ROBEX brain resampled to 1 mm (brain masks).
-DTN is timed as the whole command (`dtnreg register` in a fresh process: start-up, reading, writing included);
-SyN as reading with antspyx, `ants.registration(type_of_transform="SyN")`, warping and writing its outputs.
-Each figure is the median over --repeats runs. The shipped model saw these subjects in training (see its model
-card): this measures speed honestly, not generalisation.
+Every method runs as a fresh process on the same files, timed from process start to its last file written, with the
+process's peak memory (max RSS) from the kernel: `dtnreg register` for DTN, and this script's `--peer` mode for the
+classical peers (greedy: affine NMI from a centre-of-mass start, deformable NCC 2x2x2, 100x50x10, all threads;
+SyN: `ants.registration(type_of_transform="SyN")` defaults), each writing its warped image and labels.
+Dice on tissue classes (CSF, GM, WM) or brain masks, computed here from the written label maps for every method.
+Pairs: the three of earlier benchmarks, two known deformations of the ICBM brain (a smooth random diffeomorphism
+and an intensity change: the answer is known), ICBM onto the ITK brain's own 2 x 2 x 3 mm grid, and the ITK head
+with skull onto the ROBEX head in scanner space (brain masks). The development subjects were seen in training
+(the model card says how): this measures speed honestly and accuracy only indicatively.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,12 +32,23 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_samples import tissue_from_probabilities  # noqa: E402
 
-from DTNRegistrationLib import metrics  # noqa: E402
+from DTNRegistrationLib import metrics, spatial, synth  # noqa: E402
 from DTNRegistrationLib.benchmark import machine  # noqa: E402
+
+DTN_METHODS = {  # name: extra `dtnreg register` options
+    "fast": [],
+    "accurate": ["--preset", "accurate"],
+    "refine25": ["--refine", "25"],  # the default before presets: 25 steps on the 2 mm grid
+    "refine0": ["--refine", "0"],  # the network alone
+}
+PEERS = ("greedy", "syn")
+
+
+# ---------------------------------------------------------------------------------------------- pairs
 
 
 def prepare_pairs(src: Path, out: Path) -> list[dict]:
-    """Brain-extracted images and label maps, written as NIfTI files under ``out``."""
+    """Brain-extracted images, heads and label maps, written as NIfTI files under ``out``."""
     t1 = sitk.ReadImage(str(src / "icbm2009a_t1.nii.gz"), sitk.sitkFloat32)
     tissue = tissue_from_probabilities(
         t1, sitk.ReadImage(str(src / "icbm2009a_gm.nii.gz")), sitk.ReadImage(str(src / "icbm2009a_wm.nii.gz"))
@@ -48,6 +63,8 @@ def prepare_pairs(src: Path, out: Path) -> list[dict]:
     itk_tissue.CopyInformation(head)
     files["itk"] = sitk.Mask(head, brain)
     files["itk_tissue"] = itk_tissue
+    files["itk_head"] = head
+    files["itk_brain"] = sitk.Cast(brain, sitk.sitkUInt8)
     robex = sitk.ReadImage(str(src / "robex_head_t1.nii.gz"), sitk.sitkFloat32)
     robex_mask = sitk.ReadImage(str(src / "robex_head_brainmask.nii.gz"))
     robex, robex_mask = _squeeze(robex), sitk.Cast(_squeeze(robex_mask) > 0, sitk.sitkUInt8)
@@ -56,17 +73,46 @@ def prepare_pairs(src: Path, out: Path) -> list[dict]:
     grid = _one_mm(robex)
     files["robex_1mm"] = sitk.Resample(files["robex"], grid, sitk.Transform(), sitk.sitkLinear, 0.0)
     files["robex_1mm_brain"] = sitk.Resample(robex_mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    files["robex_head_1mm"] = sitk.Resample(robex, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    for i, seed in enumerate((101, 202)):
+        files[f"icbm_deformed{i}"], files[f"icbm_deformed{i}_tissue"] = known_deformation(t1, tissue, seed)
     for name, image in files.items():
         sitk.WriteImage(image, str(out / f"{name}.nii.gz"))
     path = {name: out / f"{name}.nii.gz" for name in files}
+
+    def pair(name, moving, fixed, moving_labels, fixed_labels):
+        return {"name": name, "moving": path[moving], "fixed": path[fixed],
+                "moving_labels": path[moving_labels], "fixed_labels": path[fixed_labels]}  # fmt: skip
+
     return [
-        {"name": "ITK brain -> ICBM (tissue)", "moving": path["itk"], "fixed": path["icbm"],
-         "moving_labels": path["itk_tissue"], "fixed_labels": path["icbm_tissue"]},
-        {"name": "ROBEX brain -> ICBM (brain mask)", "moving": path["robex"], "fixed": path["icbm"],
-         "moving_labels": path["robex_brain"], "fixed_labels": path["icbm_brain"]},
-        {"name": "ICBM -> ROBEX brain 1 mm (brain mask)", "moving": path["icbm"], "fixed": path["robex_1mm"],
-         "moving_labels": path["icbm_brain"], "fixed_labels": path["robex_1mm_brain"]},
+        pair("ITK brain -> ICBM (tissue)", "itk", "icbm", "itk_tissue", "icbm_tissue"),
+        pair("ROBEX brain -> ICBM (brain mask)", "robex", "icbm", "robex_brain", "icbm_brain"),
+        pair("ICBM -> ROBEX brain 1 mm (brain mask)", "icbm", "robex_1mm", "icbm_brain", "robex_1mm_brain"),
+        pair("ICBM deformed A -> ICBM (tissue, known)", "icbm_deformed0", "icbm", "icbm_deformed0_tissue", "icbm_tissue"),  # noqa: E501
+        pair("ICBM deformed B -> ICBM (tissue, known)", "icbm_deformed1", "icbm", "icbm_deformed1_tissue", "icbm_tissue"),  # noqa: E501
+        pair("ICBM -> ITK brain 2x2x3 mm (tissue)", "icbm", "itk", "icbm_tissue", "itk_tissue"),
+        pair("ITK head -> ROBEX head 1 mm (brain mask)", "itk_head", "robex_head_1mm", "itk_brain", "robex_1mm_brain"),
     ]  # fmt: skip
+
+
+def known_deformation(image: sitk.Image, labels: sitk.Image, seed: int) -> tuple[sitk.Image, sitk.Image]:
+    """``image`` and ``labels`` under one smooth random diffeomorphism (displacements of a few mm), with a gamma
+    change of the intensities: a pair whose true correspondence is known."""
+    import torch
+
+    gen = synth.make_generator(seed)
+    array = torch.from_numpy(sitk.GetArrayFromImage(image))[None, None]
+    label_array = torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.int64))[None, None]
+    u = synth.random_deformation(gen, 1, tuple(array.shape[2:]), 6.0, 24)
+    warped = spatial.warp(array, u).clamp_min(0)
+    warped = (warped / warped.max()) ** float(np.exp(0.2 * (seed % 3 - 1))) * 100.0
+    out, out_labels = (
+        sitk.GetImageFromArray(warped[0, 0].numpy()),
+        sitk.GetImageFromArray(spatial.warp(label_array, u, mode="nearest")[0, 0].numpy().astype(np.uint8)),
+    )
+    out.CopyInformation(image)
+    out_labels.CopyInformation(labels)
+    return out, out_labels
 
 
 def _squeeze(image: sitk.Image) -> sitk.Image:
@@ -85,64 +131,64 @@ def _one_mm(image: sitk.Image) -> sitk.Image:
     return grid
 
 
-def run_dtn(pair: dict, out: Path, refine: int, args) -> tuple[float, float]:
-    command = [sys.executable, "-m", "DTNRegistrationLib.cli", "register", "--quiet", "--output-dir", str(out)]
-    command += ["--refine", str(refine)] + (["--model", args.model] if args.model else [])
-    command += ["--refine-similarity", args.refine_similarity] if args.refine_similarity else []
-    for key in ("moving", "fixed", "moving_labels", "fixed_labels"):
-        command += [f"--{key.replace('_', '-')}", str(pair[key])]
+# ---------------------------------------------------------------------------------------------- running
+
+
+def timed_process(command: list[str]) -> tuple[float, float]:
+    """Run ``command``; its wall time (s) and peak resident memory (MB), from the kernel's accounting."""
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
-    report = json.loads((out / "report.json").read_text())
-    return seconds, report["metrics"]["dice_mean"]
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return seconds, usage.ru_maxrss / 1024.0
 
 
-def run_syn(pair: dict, out: Path) -> tuple[float, float]:
-    import ants
+def run_method(method: str, pair: dict, out: Path, args) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    if method in DTN_METHODS:
+        command = [sys.executable, "-m", "DTNRegistrationLib.cli", "register", "--quiet", "--output-dir", str(out)]
+        command += ["--model", args.model] if args.model else []
+        command += ["--device", args.device] + DTN_METHODS[method]
+        for key in ("moving", "fixed", "moving_labels", "fixed_labels"):
+            command += [f"--{key.replace('_', '-')}", str(pair[key])]
+    else:
+        described = json.dumps({k: str(v) for k, v in pair.items()})
+        command = [sys.executable, __file__, "--peer", method, "--pair", described, "--out", str(out)]
+    seconds, peak_mb = timed_process(command)
+    row = {"seconds": seconds, "peak_mb": peak_mb, "dice": label_dice(out / "warped_labels.nii.gz", pair)}
+    report = out / "report.json"
+    if report.is_file():
+        doc = json.loads(report.read_text())
+        row["stages"] = doc["timings_s"]
+        row["folding_percent"] = doc["metrics"]["folding_percent"]
+    return row
 
-    start = time.perf_counter()
-    fixed, moving = ants.image_read(str(pair["fixed"])), ants.image_read(str(pair["moving"]))
-    reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(out / "syn_"))
-    ants.image_write(reg["warpedmovout"], str(out / "warped.nii.gz"))
-    labels = ants.apply_transforms(
-        fixed, ants.image_read(str(pair["moving_labels"])), reg["fwdtransforms"], interpolator="nearestNeighbor"
+
+def label_dice(warped_labels: Path, pair: dict) -> float:
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(warped_labels))).round().astype(int)
+    return metrics.mean_dice(warped, sitk.GetArrayFromImage(sitk.ReadImage(str(pair["fixed_labels"]))))
+
+
+def run_peer(name: str, pair: dict, out: Path) -> None:
+    """``--peer`` mode: one classical registration, writing its warped image and labels (timed by the caller)."""
+    from DTNRegistrationLib.baselines import PairImages, parse_method
+
+    images = PairImages(
+        pair["name"],
+        sitk.ReadImage(pair["moving"], sitk.sitkFloat32),
+        sitk.ReadImage(pair["fixed"], sitk.sitkFloat32),
+        sitk.ReadImage(pair["moving_labels"]),
+        sitk.ReadImage(pair["fixed_labels"]),
     )
-    ants.image_write(labels, str(out / "warped_labels.nii.gz"))
-    seconds = time.perf_counter() - start
-    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz"))).round().astype(int)
-    target = sitk.GetArrayFromImage(sitk.ReadImage(str(pair["fixed_labels"])))
-    return seconds, metrics.mean_dice(warped, target)
+    result = parse_method(name).run(images)
+    sitk.WriteImage(result.warped, str(out / "warped.nii.gz"))
+    sitk.WriteImage(result.warped_labels, str(out / "warped_labels.nii.gz"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("devdata", type=Path)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--refine", type=int, nargs="+", default=[0])
-    parser.add_argument("--no-syn", action="store_true")
-    parser.add_argument("--model", help="weights file or shipped model name (default: the default model)")
-    parser.add_argument("--refine-similarity", choices=["l1", "mse", "ncc"])
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="dtnreg-bench-") as tmp:
-        tmp = Path(tmp)
-        pairs = prepare_pairs(args.devdata, tmp)
-        rows = []
-        for i, pair in enumerate(pairs):
-            row = {"pair": pair["name"], "dice_before": _dice_identity(pair)}
-            for refine in args.refine:
-                runs = [run_dtn(pair, tmp / f"dtn{i}_{refine}_{r}", refine, args) for r in range(args.repeats)]
-                row[f"dtn_refine{refine}"] = (statistics.median(t for t, _ in runs), runs[-1][1])
-            if not args.no_syn:
-                (tmp / f"syn{i}").mkdir()
-                runs = [run_syn(pair, tmp / f"syn{i}") for _ in range(args.repeats)]
-                row["syn"] = (statistics.median(t for t, _ in runs), runs[-1][1])
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
-    _print_table(rows, args)
-
-
-def _dice_identity(pair: dict) -> float:
+def dice_before(pair: dict) -> float:
     fixed = sitk.ReadImage(str(pair["fixed_labels"]))
     moving = sitk.Resample(
         sitk.ReadImage(str(pair["moving_labels"])), fixed, sitk.Transform(), sitk.sitkNearestNeighbor
@@ -150,18 +196,76 @@ def _dice_identity(pair: dict) -> float:
     return metrics.mean_dice(sitk.GetArrayFromImage(moving), sitk.GetArrayFromImage(fixed))
 
 
-def _print_table(rows: list[dict], args) -> None:
-    methods = [k for k in rows[0] if k.startswith("dtn") or k == "syn"]
-    print(f"# End-to-end registration at 1 mm: {machine()}, median of {args.repeats} runs\n")
-    print("| pair | Dice before | " + " | ".join(f"{m} s | {m} Dice" for m in methods) + " |")
-    print("|---|---|" + "---|---|" * len(methods))
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def print_tables(rows: list[dict], methods: list[str], args) -> None:
+    print(f"# End-to-end registration: {machine()}, median of {args.repeats} run(s), device {args.device}\n")
+    print("Seconds from process start to the last file written / peak memory (MB) / mean Dice.\n")
+    print("| pair | Dice before | " + " | ".join(methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
     for row in rows:
-        cells = " | ".join(f"{row[m][0]:.1f} | {row[m][1]:.3f}" for m in methods)
-        print(f"| {row['pair']} | {row['dice_before']:.3f} | {cells} |")
-    if "syn" in methods:
-        for m in methods[:-1]:
-            ratio = statistics.median(row["syn"][0] / row[m][0] for row in rows)
-            print(f"\nSyN / {m} time (median over pairs): {ratio:.1f}x")
+        cells = [f"{row[m]['seconds']:.1f} s / {row[m]['peak_mb']:.0f} / {row[m]['dice']:.3f}" for m in methods]
+        print(f"| {row['pair']} | {row['dice_before']:.3f} | " + " | ".join(cells) + " |")
+    print("| **median** | | " + " | ".join(_medians(rows, m) for m in methods) + " |")
+    for m in (m for m in methods if m in DTN_METHODS):
+        for peer in (p for p in PEERS if p in methods):
+            ratio = statistics.median(row[peer]["seconds"] / row[m]["seconds"] for row in rows)
+            print(f"\n{peer} / {m} time (median over pairs): {ratio:.1f}x", end="")
+    print("\n")
+    stage_methods = [m for m in methods if m in DTN_METHODS]
+    stages = ["affine", "preprocess", "network", "refine", "outputs", "labels"]
+    print("Stages of `dtnreg register` (median over pairs, s; the rest of the wall time: start-up, reading, writing)\n")
+    print("| method | " + " | ".join(stages) + " | register() total | wall | folding % (max) |")
+    print("|---|" + "---|" * (len(stages) + 3))
+    for m in stage_methods:
+        cells = [f"{statistics.median(r[m].get('stages', {}).get(s, 0.0) for r in rows):.2f}" for s in stages]
+        total = statistics.median(r[m]["stages"]["total"] for r in rows)
+        fold = max(r[m].get("folding_percent", 0.0) for r in rows)
+        print(f"| {m} | " + " | ".join(cells) + f" | {total:.2f} | {_median(rows, m, 'seconds'):.2f} | {fold:.4f} |")
+
+
+def _median(rows: list[dict], method: str, key: str) -> float:
+    return statistics.median(row[method][key] for row in rows)
+
+
+def _medians(rows: list[dict], method: str) -> str:
+    mean_dice = statistics.fmean(row[method]["dice"] for row in rows)
+    return f"{_median(rows, method, 'seconds'):.1f} s / {_median(rows, method, 'peak_mb'):.0f} / {mean_dice:.3f} (mean)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("devdata", type=Path, nargs="?", default=Path("/tmp/dtn-devdata"))
+    parser.add_argument("--methods", nargs="+", default=["fast", "accurate", "refine25", "greedy", "syn"])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--model", help="weights file or shipped model name (default: the default model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", help="run only the pairs whose name contains this")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
+    parser.add_argument("--pair", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer:
+        return run_peer(args.peer, json.loads(args.pair), args.out)
+    unknown = set(args.methods) - set(DTN_METHODS) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}")
+    with tempfile.TemporaryDirectory(prefix="dtnreg-bench-") as tmp:
+        tmp = Path(tmp)
+        pairs = [p for p in prepare_pairs(args.devdata, tmp) if not args.only or args.only in p["name"]]
+        rows = []
+        for i, pair in enumerate(pairs):
+            row = {"pair": pair["name"], "dice_before": dice_before(pair)}
+            for method in args.methods:
+                runs = [run_method(method, pair, tmp / f"{method}{i}_{r}", args) for r in range(args.repeats)]
+                row[method] = {**runs[-1], **{k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_mb")}}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print_tables(rows, args.methods, args)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ displacement field (LPS mm, the engine's convention), so that all methods are sc
 HD95 on the warped labels, folding and SDlogJ on the Jacobian of that field.
 
 Method specs (``--methods``): ``identity``, ``affine``, ``syn[:type=SyN][:iterations=40x20x0][:metric=mattes]``,
-``dtn:MODEL[:refine=N][:alpha=A][:affine=0]`` where MODEL is a shipped model name, ``default``, or a
-``.safetensors`` path; any spec takes ``name=LABEL`` to set its label in tables.
+``greedy[:iterations=100x50x10][:metric=NCC 2x2x2][:threads=N]`` (PICSL greedy, ``pip install picsl_greedy``),
+``dtn:MODEL[:refine=N|:preset=fast|accurate][:alpha=A][:affine=0]`` where MODEL is a shipped model name,
+``default``, or a ``.safetensors`` path; any spec takes ``name=LABEL`` to set its label in tables.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,7 +95,15 @@ class DTNMethod(Method):
 
         self.loaded = load_model(None if model in ("", "default") else model)
         self.device = device
-        self.refine = _int_option(options, "refine", spec, 0)
+        self.preset = options.pop("preset", None)
+        if self.preset is not None and "refine" in options:
+            raise InputError(f"method {spec!r}: give refine=N or preset=NAME, not both")
+        self.refine = None if self.preset else _int_option(options, "refine", spec, 0)
+        if self.preset is not None:
+            from .refinement import PRESETS
+
+            if self.preset not in PRESETS:
+                raise InputError(f"method {spec!r}: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         self.alpha = _float_option(options, "alpha", spec)
         self.affine = _bool_option(options, "affine", spec, True)
         super().__init__(spec, options)
@@ -111,7 +118,9 @@ class DTNMethod(Method):
 
     def default_label(self, options: dict[str, str]) -> str:
         label = f"{VARIANT_NAMES.get(self.variant, self.variant)} ({self.loaded.name})"
-        if self.refine:
+        if self.preset:
+            label += f" {self.preset}"
+        elif self.refine:
             label += f" +refine {self.refine}"
         if self.alpha is not None:
             label += f" alpha={self.alpha:g}"
@@ -119,6 +128,10 @@ class DTNMethod(Method):
 
     def cache_identity(self) -> dict:
         extra = {"sha256": self.loaded.sha256, "refine": self.refine, "alpha": self.alpha, "affine": self.affine}
+        if self.preset:
+            from .refinement import PRESETS
+
+            extra["preset"] = [self.preset, repr(PRESETS[self.preset])]  # a changed schedule is a new method
         return {**super().cache_identity(), **extra}
 
     def run(self, pair: PairImages, alpha: float | None = None) -> MethodOutput:
@@ -133,86 +146,12 @@ class DTNMethod(Method):
             device=self.device,
             model=self.loaded,
             refine=self.refine,
+            preset=self.preset,
             affine=self.affine,
         )
         info = {"alpha": result.alpha, "device": result.device, "model": result.model, "timings_s": result.timings}
         jacobian = sitk.GetArrayFromImage(result.jacobian)
         return MethodOutput(result.displacement, result.warped, result.warped_labels, jacobian, info)
-
-
-class SyN(Method):
-    """ANTs SyN through antspyx (``ants.registration``), its transforms composed into one displacement field."""
-
-    kind = "syn"
-
-    def __init__(self, spec: str, options: dict[str, str]) -> None:
-        try:
-            import ants  # noqa: F401
-        except ImportError:
-            raise InputError(
-                f"method {spec!r} needs antspyx: pip install antspyx (or the project's extra: pip install '.[syn]')"
-            ) from None
-        self.transform = options.get("type", "SyN")
-        self.metric = options.get("metric", "mattes")
-        iterations = options.get("iterations", "40x20x0")
-        try:
-            self.iterations = tuple(int(n) for n in iterations.split("x"))
-        except ValueError:
-            raise InputError(f"method {spec!r}: iterations must look like 40x20x0, got {iterations!r}") from None
-        super().__init__(spec, options)
-
-    def default_label(self, options: dict[str, str]) -> str:
-        return "SyN" if options.get("type", "SyN") == "SyN" else f"ANTs {options['type']}"
-
-    def cache_identity(self) -> dict:
-        import ants
-
-        return {**super().cache_identity(), "antspyx": getattr(ants, "__version__", "?")}
-
-    def run(self, pair: PairImages, alpha: float | None = None) -> MethodOutput:
-        import ants
-
-        with tempfile.TemporaryDirectory(prefix="dtnreg-syn-") as tmp:
-            fixed, moving = to_ants(pair.fixed), to_ants(pair.moving)
-            reg = ants.registration(
-                fixed,
-                moving,
-                type_of_transform=self.transform,
-                syn_metric=self.metric,
-                reg_iterations=self.iterations,
-                outprefix=os.path.join(tmp, "syn_"),
-            )
-            composed = ants.apply_transforms(
-                fixed, moving, reg["fwdtransforms"], compose=os.path.join(tmp, "composed_")
-            )
-            displacement = sitk.Cast(sitk.ReadImage(composed), sitk.sitkVectorFloat64)
-            warped_labels = None
-            if pair.moving_labels is not None:
-                labels = ants.apply_transforms(
-                    fixed, to_ants(pair.moving_labels), reg["fwdtransforms"], interpolator="nearestNeighbor"
-                )
-                warped_labels = from_ants(labels, pair.fixed, sitk.sitkInt32)
-        warped = sitk.Resample(
-            pair.moving, pair.fixed, _field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32
-        )
-        return MethodOutput(displacement, warped, warped_labels, info={"type": self.transform})
-
-
-def to_ants(image: sitk.Image):
-    """A SimpleITK image as an ANTsImage with the same physical geometry (both are ITK, LPS)."""
-    import ants
-
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
-    array = array.astype(np.float32)
-    direction = np.reshape(image.GetDirection(), (3, 3))
-    return ants.from_numpy(array, origin=image.GetOrigin(), spacing=image.GetSpacing(), direction=direction)
-
-
-def from_ants(image, reference: sitk.Image, pixel_type: int) -> sitk.Image:
-    """An ANTsImage on ``reference``'s grid back as a SimpleITK image of ``pixel_type``."""
-    out = sitk.GetImageFromArray(np.ascontiguousarray(image.numpy().transpose(2, 1, 0)))
-    out.CopyInformation(reference)
-    return sitk.Cast(out, pixel_type)
 
 
 def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
@@ -248,8 +187,14 @@ def parse_method(spec: str, device: str = "auto") -> Method:
     if head == "affine":
         return _checked(Affine(spec, options), set())
     if head == "syn":
+        from .classical import SyN
+
         return _checked(SyN(spec, options), {"type", "metric", "iterations"})
-    raise InputError(f"unknown method {spec!r}; use identity, affine, syn or dtn:MODEL[:refine=N][:alpha=A]")
+    if head == "greedy":
+        from .classical import Greedy
+
+        return _checked(Greedy(spec, options), {"iterations", "metric", "threads"})
+    raise InputError(f"unknown method {spec!r}; use identity, affine, syn, greedy or dtn:MODEL[:refine=N][:alpha=A]")
 
 
 def parse_methods(specs: list[str], device: str = "auto") -> list[Method]:
@@ -324,7 +269,6 @@ __all__ = [
     "Method",
     "MethodOutput",
     "PairImages",
-    "SyN",
     "outputs_from_transform",
     "parse_method",
     "parse_methods",

@@ -20,19 +20,34 @@ def mse(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = N
 
 
 def local_ncc(
-    warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, mask: torch.Tensor | None = None, eps: float = 1e-5
+    warped: torch.Tensor,
+    fixed: torch.Tensor,
+    window: int = 9,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One minus the mean squared local normalised cross-correlation over cubic windows (0 = identical)."""
+    """One minus the mean squared local normalised cross-correlation over cubic windows (0 = identical).
+
+    ``fixed_stats`` (from :func:`ncc_fixed_statistics`) saves recomputing the fixed image's local mean and variance
+    at every step of an optimisation on one pair.
+    """
     if window % 2 == 0:
         raise ValueError(f"the NCC window must be odd, got {window}")
-    # the five local means in one separable box filter (about 30x faster than a dense 9^3 convolution on a CPU)
-    stacked = torch.cat([warped, fixed, warped * warped, fixed * fixed, warped * fixed], dim=1)
-    mu_w, mu_f, ww, ff, wf = _box_mean(stacked, window).split(warped.shape[1], dim=1)
+    mu_f, var_f = fixed_stats if fixed_stats is not None else ncc_fixed_statistics(fixed, window)
+    # the local means in one separable box filter (about 30x faster than a dense 9^3 convolution on a CPU)
+    stacked = torch.cat([warped, warped * warped, warped * fixed], dim=1)
+    mu_w, ww, wf = _box_mean(stacked, window).split(warped.shape[1], dim=1)
     var_w = (ww - mu_w**2).clamp_min(0)
-    var_f = (ff - mu_f**2).clamp_min(0)
     cov = wf - mu_w * mu_f
     cc = cov * cov / (var_w * var_f + eps)
     return 1.0 - _masked_mean(cc, mask)
+
+
+def ncc_fixed_statistics(fixed: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed image's local mean and variance over ``window``-cubes (what :func:`local_ncc` needs of it)."""
+    mu_f, ff = _box_mean(torch.cat([fixed, fixed * fixed], dim=1), window).split(fixed.shape[1], dim=1)
+    return mu_f, (ff - mu_f**2).clamp_min(0)
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -73,16 +88,18 @@ def registration_objective(
     window: int = 9,
     mask: torch.Tensor | None = None,
     integration_steps: int = 7,
+    fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The paper's loss: ``similarity(moving o exp(v), fixed) + alpha * ||grad v||^2``.
 
     ``v`` is a velocity in voxels of its own grid (possibly coarser than the images'); ``alpha`` a float or one
-    value per pair of the batch; ``window`` is the NCC window (ignored by L1 and MSE).
+    value per pair of the batch; ``window`` is the NCC window and ``fixed_stats`` its precomputed fixed-image
+    statistics (both ignored by L1 and MSE).
     """
     u = spatial.resize_field(spatial.integrate(v, integration_steps), tuple(fixed.shape[2:]))
     warped = spatial.warp(moving, u)
     if similarity == "ncc":
-        sim = local_ncc(warped, fixed, window, mask)
+        sim = local_ncc(warped, fixed, window, mask, fixed_stats=fixed_stats)
     else:
         sim = _lookup(similarity)(warped, fixed, mask)
     smooth = gradient_smoothness(v, per_sample=True)

@@ -75,6 +75,7 @@ def objective(
     window: int = 9,
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
+    fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The registration objective of ``v`` (on its own, possibly coarser, grid) on one image pair."""
     return losses.registration_objective(
@@ -86,6 +87,7 @@ def objective(
         window=window,
         mask=mask,
         integration_steps=integration_steps,
+        fixed_stats=fixed_stats,
     )
 
 
@@ -162,6 +164,7 @@ def refine_schedule(
         dv = torch.zeros_like(base, requires_grad=True)
         optimiser = torch.optim.Adam([dv], lr=level.learning_rate)
         level_mask = _pool_mask(mask, fixed.shape[2:])
+        stats = losses.ncc_fixed_statistics(fixed, level.window) if similarity == "ncc" else None
         history: list[float] = []
         steps = 0
         for _ in range(level.steps):
@@ -175,6 +178,7 @@ def refine_schedule(
                 window=level.window,
                 mask=level_mask,
                 integration_steps=integration_steps,
+                fixed_stats=stats,
             )
             loss.backward()
             optimiser.step()

@@ -15,6 +15,8 @@ Sampling convention (used everywhere in the engine):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +31,26 @@ def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32)
 
 def _normalised_grid(u: torch.Tensor) -> torch.Tensor:
     """Voxel positions ``x + u(x)`` as the ``(B, D, H, W, 3)`` (x, y, z) grid that ``grid_sample`` wants."""
-    shape = u.shape[2:]
-    pos = identity_grid(shape, u.device, u.dtype) + u
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=u.device, dtype=u.dtype)
-    pos = pos * scale.view(1, 3, 1, 1, 1) - 1.0
-    return pos.permute(0, 2, 3, 4, 1).flip(-1)
+    shape = tuple(u.shape[2:])
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in reversed(shape)], device=u.device, dtype=u.dtype)
+    offset = (u.flip(1) * scale.view(1, 3, 1, 1, 1)).permute(0, 2, 3, 4, 1)
+    return _normalised_identity(shape, u.device, u.dtype) + offset
+
+
+@functools.lru_cache(maxsize=8)
+def _normalised_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The identity grid in ``grid_sample``'s coordinates (built once per grid: an optimisation warps thousands of
+    times on the same one)."""
+    with torch.inference_mode(False):  # a normal tensor, usable with autograd whichever mode built it first
+        axes = [_axis(n, device, dtype) for n in shape]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).unsqueeze(0)
+        return grid.flip(-1).contiguous()
+
+
+def _axis(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if n == 1:
+        return torch.full((1,), -1.0, device=device, dtype=dtype)
+    return torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
 
 
 def warp(image: torch.Tensor, u: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
