@@ -267,3 +267,41 @@ def test_a_coarser_network_runs_on_its_own_grid_and_its_field_keeps_its_size_in_
     np.testing.assert_allclose(inverse, np.tile([-4.0, 0.0, 0.0], (len(inverse), 1)), atol=0.05)
     np.testing.assert_allclose(sitk.GetArrayFromImage(result.jacobian), 1.0, atol=1e-3)
     assert result.metrics["folding_count"] == 0
+
+
+@pytest.fixture(scope="module")
+def by_schedule(known_pair, tiny_model):
+    """The known deformation registered with each preset and with the single-level default of before (25 steps)."""
+
+    def run(**options):
+        return registration.register(
+            known_pair["moving"],
+            known_pair["fixed"],
+            moving_labels=known_pair["moving_labels"],
+            fixed_labels=known_pair["fixed_labels"],
+            model=tiny_model,
+            affine=False,
+            device="cpu",
+            inverse=False,
+            **options,
+        )
+
+    return {"before": run(refine=25), "fast": run(preset="fast"), "accurate": run(preset="accurate")}
+
+
+def test_both_presets_recover_a_known_deformation_at_least_as_well_as_the_former_default(known_pair, by_schedule):
+    before = _dice_before(known_pair)
+    dice = {name: result.metrics["dice_mean"] for name, result in by_schedule.items()}
+    assert dice["before"] > before + 0.05, dice
+    assert dice["fast"] >= dice["before"] and dice["accurate"] >= dice["before"], dice
+    for result in by_schedule.values():
+        assert result.metrics["folding_percent"] <= 0.01 and result.inverse_displacement is None
+
+
+def test_the_accurate_preset_builds_its_field_on_its_finest_level(known_pair, by_schedule):
+    """The 1 mm level's correction reaches the output: the displacement still reproduces the warped image."""
+    accurate = by_schedule["accurate"]
+    assert accurate.metrics["refine_levels_mm"] == [4.0, 2.0, 1.0] and accurate.metrics["preset"] == "accurate"
+    transform = sitk.DisplacementFieldTransform(sitk.Image(accurate.displacement))
+    again = sitk.Resample(known_pair["moving"], known_pair["fixed"], transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(accurate.warped))
