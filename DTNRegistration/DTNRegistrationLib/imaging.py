@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import InputError
+
 SIZE_MULTIPLE = 16
 LABEL_PIXEL_TYPES = {
     sitk.sitkUInt8,
@@ -20,10 +22,6 @@ LABEL_PIXEL_TYPES = {
     sitk.sitkUInt64,
     sitk.sitkInt64,
 }
-
-
-class InputError(ValueError):
-    """Input the pipeline cannot use; the message names the file or image and the problem."""
 
 
 def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:

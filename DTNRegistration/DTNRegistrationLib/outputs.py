@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .imaging import InputError
-from .registration import RegistrationResult
+from .result import IMAGE_NAMES, LABELS_NAME, REPORT_NAME, RegistrationResult
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 # zlib level 1: writing a 1 mm displacement field at the default level took longer than the registration
@@ -65,15 +65,9 @@ def write_result(
     result: RegistrationResult, stage: StagedOutput, extension: str = ".nii.gz", inputs: dict | None = None
 ) -> None:
     """Write every image of ``result`` and ``report.json`` into the staging folder."""
-    images = {
-        "warped": result.warped,
-        "displacement": result.displacement,
-        "inverse_displacement": result.inverse_displacement,
-        "jacobian": result.jacobian,
-        "folding": result.folding,
-    }
+    images = {name: getattr(result, name) for name in IMAGE_NAMES}
     if result.warped_labels is not None:
-        images["warped_labels"] = result.warped_labels
+        images[LABELS_NAME] = result.warped_labels
 
     def write(name: str) -> None:
         image = images[name]
@@ -85,7 +79,7 @@ def write_result(
     # leaving the block waits for every writer, so a failure never races the staging folder's removal
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(write, images))
-    stage.path("report.json").write_text(json.dumps(report(result, inputs), indent=2) + "\n")
+    stage.path(REPORT_NAME).write_text(json.dumps(report(result, inputs), indent=2) + "\n")
 
 
 def report(result: RegistrationResult, inputs: dict | None = None) -> dict:
