@@ -331,8 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         emit_json(fraction=0.0, message="started", pid=os.getpid())
     try:
         return COMMANDS[args.command](args)
-    except (InputError, ModelError) as err:
+    except InputError as err:
         return _fail(jsonl, f"dtnreg: error: {err}", 2, "input")
+    except ModelError as err:
+        return _fail(jsonl, f"dtnreg: error: {err}", 2, "model")
     except KeyboardInterrupt:
         return _fail(jsonl, "dtnreg: interrupted; no partial output was kept", 1, "interrupted")
     except MemoryError:
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(jsonl: bool, line: str, code: int, kind: str) -> int:
     """The one-line reason on stderr (and, for a parent process, on stdout as JSON); returns the exit code."""
     line = " ".join(line.split())  # one line, whatever the exception's text
-    if jsonl and kind != "input":  # a parent process keeps stderr as its log: the traceback belongs there
+    if jsonl and kind not in ("input", "model"):  # a parent keeps stderr as its log: the traceback goes there
         traceback.print_exc(file=sys.stderr)
     print(line, file=sys.stderr)
     if jsonl:
