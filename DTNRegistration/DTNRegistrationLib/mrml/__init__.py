@@ -13,6 +13,7 @@ a :class:`SceneContext` (a scene and the module logics), which defaults to Slice
 * ``nodes``: a registration result -> MRML nodes;
 * ``logic``: :class:`RegistrationLogic` (validate, prepare, compute, build);
 * ``runner``: :class:`RegistrationRunner`, the engine in a child process, polled from the main thread;
+* ``placement``: a moving-space node shown through the result, its linear transforms kept;
 * ``render``: a slice view as an image, without OpenGL;
 * ``export``: a segmentation to a file, a scene to a .mrb bundle.
 
@@ -43,6 +44,7 @@ from .grid_transform import displacement_to_grid_transform, grid_transform_to_di
 from .job import OutputNodes, RegistrationJob
 from .logic import RegistrationLogic, status_line
 from .nodes import FOLDING_COLOR, FOLDING_SEGMENT_ID, FOLDING_SEGMENT_NAME, add_volume_node, build_result_nodes
+from .placement import place_under_transform
 from .render import render_slice, render_slice_image
 from .runner import RegistrationRunner, RunnerState, child_python
 from .scene import ROLE_PREFIX, SceneContext, app_context, create_headless_scene
@@ -95,6 +97,7 @@ __all__ = [
     "node_ijk_to_world",
     "numpy_from_image_data",
     "oriented_image_from_image",
+    "place_under_transform",
     "render_slice",
     "render_slice_image",
     "restore_linear_interpolation",
