@@ -138,6 +138,20 @@ class Devices:
     torch_version: str | None  # None: PyTorch is not installed
     cuda_usable: bool
 
+    def summary(self) -> str:
+        """One line for the panel: the GPU found and whether registration will use it."""
+        gpus = ", ".join(self.gpus)
+        if self.gpus and self.cuda_usable:
+            return f"GPU: {gpus} (PyTorch {self.torch_version})"
+        if self.gpus and self.torch_version is None:
+            return f"GPU: {gpus}. PyTorch is not installed yet: it is installed (with CUDA) at the first run."
+        if self.gpus:
+            return (
+                f"GPU: {gpus}, but the installed PyTorch {self.torch_version} cannot use it: reinstall PyTorch with "
+                "CUDA in the PyTorch Utils module. Running on the CPU."
+            )
+        return "No CUDA GPU found: registration runs on the CPU (slower, same results)."
+
 
 class GpuQuery:
     """``nvidia-smi --query-gpu=name`` started without waiting for it: ``poll()`` returns None until it ends.
