@@ -256,3 +256,75 @@ def test_refinement_options_reach_the_report(files, tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["metrics"]["refine_steps"] == 2 and report["metrics"]["refine_similarity"] == "ncc"
     assert report["metrics"]["start"].startswith(("network", "identity")) and "refine" in report["timings_s"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --progress-format jsonl: what a parent process (the Slicer module) reads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = text.splitlines()
+    assert lines, "nothing on stdout"
+    return [json.loads(line) for line in lines]  # every line is one JSON object: nothing else on stdout
+
+
+def test_jsonl_progress_one_line_per_stage_and_step(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    labels = ["--moving-labels", str(files / "moving_labels.nii.gz")]
+    assert run(files, out, "--refine", "3", "--progress-format", "jsonl", "--format", ".nrrd", *labels) == 0
+    captured = capsys.readouterr()
+    lines = _json_lines(captured.out)
+    assert lines[0]["message"] == "started" and lines[0]["pid"] > 0
+    fractions = [line["fraction"] for line in lines]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    steps = [line["message"] for line in lines if line["message"].startswith("refining: step")]
+    assert [s.split(",")[0] for s in steps] == ["refining: step 1/3", "refining: step 2/3", "refining: step 3/3"]
+    for stage in ("loading model", "affine initialisation", "propagating labels"):
+        assert any(line["message"] == stage for line in lines), stage
+    done = lines[-1]
+    assert done["message"] == "done" and done["output_dir"] == str(out.resolve())
+    assert done["report"] == str(out.resolve() / "report.json") and "warped_labels.nrrd" in done["files"]
+    assert "refining" not in captured.err  # no progress bar on stderr in this mode
+
+    # The files read back into a result equal to what was written, affine included.
+    from DTNRegistrationLib import result as result_files
+
+    back = result_files.read_result(out, ".nrrd")
+    report = json.loads((out / "report.json").read_text())
+    assert back.displacement.GetPixelID() == sitk.sitkVectorFloat64
+    assert back.metrics == report["metrics"] and back.device == "cpu" and back.alpha == report["alpha"]
+    np.testing.assert_allclose(back.affine.GetMatrix(), report["affine"]["matrix"])
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(back.warped_labels),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nrrd"))),
+    )
+    moving = sitk.ReadImage(str(files / "moving.nii.gz"), sitk.sitkFloat32)
+    again = sitk.Resample(moving, back.warped, sitk.DisplacementFieldTransform(back.displacement))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(back.warped), atol=1e-4)
+
+
+def test_jsonl_error_is_one_json_line_with_its_exit_code(files, tmp_path, capsys):
+    code = run(files, tmp_path / "out", "--moving-labels", str(tmp_path / "nope.nii.gz"), "--progress-format", "jsonl")
+    lines = _json_lines(capsys.readouterr().out)
+    assert code == 2
+    assert lines[-1]["exit_code"] == 2 and lines[-1]["kind"] == "input"
+    assert "nope.nii.gz" in lines[-1]["error"] and "\n" not in lines[-1]["error"]
+
+
+def test_read_result_names_a_missing_file(tmp_path):
+    from DTNRegistrationLib import errors, result
+
+    with pytest.raises(errors.RegistrationFailed, match="no readable report"):
+        result.read_result(tmp_path)
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(errors.RegistrationFailed, match="warped.nrrd"):
+        result.read_result(tmp_path)
+
+
+def test_errors_are_one_class_each_wherever_imported():
+    from DTNRegistrationLib import data, errors, imaging, models, registration
+
+    assert imaging.InputError is errors.InputError and models.ModelError is errors.ModelError
+    assert data.DataError is errors.DataError and registration.Cancelled is errors.Cancelled
+    assert issubclass(errors.DataError, errors.InputError)

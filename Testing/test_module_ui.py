@@ -191,7 +191,13 @@ def test_outputs_default_to_create_new_and_advanced_is_collapsed(ui, source):
         assert _property(widget, "noneEnabled") is True
         assert _property(widget, "noneDisplay").startswith("Create new"), f"{name} must default to creating a node"
     assert _property(ui["widgets"]["advancedCollapsibleButton"], "collapsed") is True
-    for name in ("model", "refineSteps", "affine", "mask"):  # the advanced settings live in the collapsed box
+    for name in (
+        "model",
+        "customRefinement",
+        "refineSteps",
+        "affine",
+        "mask",
+    ):  # the advanced settings live in the collapsed box
         widget = by_parameter[name]
         parents = [p for p in ui["tree"].iter("widget") if widget in list(p.iter("widget")) and p is not widget]
         assert any(p.get("name") == "advancedCollapsibleButton" for p in parents), f"{name} is not in Advanced"
@@ -226,14 +232,20 @@ def test_module_metadata_and_structure(source):
         if isinstance(f, ast.FunctionDef) and f.name == "__init__"
     )
     assert not re.search(r"pip|install|torch|engine", ast.unparse(widget_init))
-    # The worker thread never touches MRML: RegistrationWorker has no slicer/qt calls.
-    worker = ast.unparse(_class(source, "RegistrationWorker"))
-    assert "slicer." not in worker and "qt." not in worker
+    # The engine never runs in a thread of Slicer's process (the main thread's GIL would starve it): the module
+    # starts no thread, and the Logic opens no dialog (the Widget asks the user).
+    assert "threading" not in text and "Thread(" not in text
+    logic = ast.unparse(_class(source, "DTNRegistrationLogic"))
+    assert not re.search(r"Display\(|QMessageBox|QFileDialog", logic), "the Logic must not open dialogs"
+    # The Logic does not merely forward to DTNRegistrationLib.mrml: no method whose body is one `return engine.X(...)`.
+    for method in _class(source, "DTNRegistrationLogic").body:
+        if isinstance(method, ast.FunctionDef) and len(method.body) == 1 and isinstance(method.body[0], ast.Return):
+            assert "self.engine." not in ast.unparse(method.body[0]), f"{method.name} only forwards to mrml"
 
 
 def test_dependency_handling_uses_slicer_helpers(source):
-    text = MODULE_FILE.read_text()
-    assert "PyTorchUtils" in text and "installTorch" in text
+    text = (MODULE_DIR / "DTNRegistrationLib" / "mrml" / "dependencies.py").read_text()
+    assert "PyTorchUtils" in text and "installTorch" in text and "torchVersionRequirement" in text
     assert "pip_ensure" in text and "slicer.util.pip_install" in text
     requirements = (MODULE_DIR / "Resources" / "requirements.txt").read_text()
     listed = {
@@ -297,13 +309,20 @@ def test_extension_descriptions_agree():
     assert index["build_dependencies"] == s4ext["depends"].split() == ["PyTorch"]
     top = (ROOT / "CMakeLists.txt").read_text()
     assert f'"{s4ext["category"]}"' in top and f'"{s4ext["description"]}"' in top
-    assert f'"{s4ext["iconurl"]}"' in top
+    repository = re.search(r'set\(EXTENSION_REPOSITORY "([^"]+)"\)', top).group(1)
+    raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/")
+    cmake = {
+        key: value.replace("${EXTENSION_REPOSITORY}", repository).replace("${EXTENSION_RAW_FILES}", raw)
+        for key, value in re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top)
+    }
+    assert cmake["EXTENSION_ICONURL"] == s4ext["iconurl"] and cmake["EXTENSION_HOMEPAGE"] == s4ext["homepage"]
+    assert cmake["EXTENSION_SCREENSHOTURLS"] == s4ext["screenshoturls"] and repository == s4ext["scmurl"]
     repository = index["scm_url"].rstrip("/").rsplit("/", 1)[-1]
     assert repository.startswith("Slicer") and not "DTNRegistration".startswith("Slicer")
 
 
 def test_panel_defaults_match_the_engine(source):
-    """The panel's refinement default is the command line's, so both faces give the same result by default."""
+    """The panel's refinement default is the command line's preset, so both faces give the same result by default."""
     from DTNRegistrationLib import registration
 
     for node in source.body:
@@ -315,6 +334,86 @@ def test_panel_defaults_match_the_engine(source):
                 for item in node.body
                 if isinstance(item, ast.AnnAssign) and item.value is not None and isinstance(item.value, ast.Constant)
             }
-            assert defaults["refineSteps"] == registration.DEFAULT_REFINE_STEPS
+            assert defaults["preset"] == registration.DEFAULT_PRESET and defaults["customRefinement"] is False
             return
     raise AssertionError("no @parameterNodeWrapper class in the module")
+
+
+def test_panel_constants_match_the_engine(source):
+    """The alpha default and range the parameter node needs before the engine is imported equal the engine's."""
+    from DTNRegistrationLib import model_info
+
+    constants = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in source.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id in ("DEFAULT_ALPHA", "ALPHA_RANGE")
+    }
+    assert constants == {"DEFAULT_ALPHA": model_info.DEFAULT_ALPHA, "ALPHA_RANGE": model_info.ALPHA_RANGE}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 10: what only the application would show
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == dotted]
+
+
+def test_qt_objects_made_in_python_have_a_qt_parent(source):
+    """PythonQt deletes a Python-made QObject without a Qt parent with its wrapper: a completer must get one."""
+    completers = _calls(source, "qt.QCompleter")
+    assert completers, "the model name completer is gone"
+    for call in completers:
+        assert len(call.args) + len(call.keywords) >= 2, f"{ast.unparse(call)}: give it the line edit as parent"
+
+
+def test_panel_never_waits_for_nvidia_smi(source):
+    """nvidia-smi can take seconds: the panel starts it (GpuQuery) and polls, never calls the blocking forms."""
+    widget = ast.unparse(_class(source, "DTNRegistrationWidget"))
+    assert "GpuQuery(" in widget
+    assert not re.search(r"nvidia_gpus\(|detect_devices\(\)|\.wait\(\)", widget.replace("runner.wait(", ""))
+
+
+def test_license_and_contributors():
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "BSD 3-Clause License" in license_text and "DTNRegistration developers" in license_text
+    assert "Neither the name of the copyright holder" in license_text
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = { text = "BSD-3-Clause" }' in pyproject
+    s4ext = (ROOT / "DTNRegistration.s4ext").read_text()
+    contributors = re.search(r"^contributors (.+)$", s4ext, re.M).group(1)
+    top = (ROOT / "CMakeLists.txt").read_text()
+    in_cmake = re.search(r'EXTENSION_CONTRIBUTORS "([^"]+)"', top).group(1)
+    module = re.search(r"contributors = \[(.+)\]", MODULE_FILE.read_text()).group(1)
+    in_module = [ast.literal_eval(item.strip()) for item in module.split('", ')]
+    for names in (contributors, in_cmake, ", ".join(in_module)):
+        for person in names.split(", "):
+            assert re.fullmatch(r"[^()]+ \([^()]+\)", person), f"{person!r}: use 'First Last (Organisation)'"
+
+
+def test_placeholder_urls_come_from_one_repository_address():
+    """The repository's address is set once in CMakeLists.txt; the descriptions copy it (change them together)."""
+    top = (ROOT / "CMakeLists.txt").read_text()
+    repository = re.search(r'set\(EXTENSION_REPOSITORY "([^"]+)"\)', top).group(1)
+    raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/")
+    urls = re.findall(r"https?://[^\s\"')]+", top + (ROOT / "DTNRegistration.s4ext").read_text())
+    urls += [json.loads((ROOT / "DTNRegistration.json").read_text())["scm_url"]]
+    project = [url for url in urls if "DTNRegistration/" in url or url.endswith("DTNRegistration")]
+    assert project and all(url.startswith((repository, raw)) for url in project), project
+    assert top.count("github.com/DTNRegistration/SlicerDTNRegistration") == 1, "one literal address in CMake"
+    assert "EXTENSION_REPOSITORY" in (ROOT / "docs" / "slicer.md").read_text()
+
+
+def test_panel_presets_are_the_engines():
+    from DTNRegistrationLib import options, refinement
+
+    module = ast.parse(MODULE_FILE.read_text())
+    presets = next(
+        ast.literal_eval(node.value)
+        for node in module.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in node.targets)
+    )
+    assert tuple(presets) == options.PRESET_NAMES == tuple(refinement.PRESETS)

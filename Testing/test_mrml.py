@@ -705,3 +705,102 @@ def test_sample_segmentations_name_the_tissues_and_match_the_label_maps(context,
         np.testing.assert_array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(labels))
     finally:
         context.scene.RemoveNode(loaded)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 10: a moving volume under a linear transform; output nodes reused without piling up
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rotation_about_s(context, angle: float, shift) -> object:
+    node = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "L")
+    c, s = np.cos(angle), np.sin(angle)
+    matrix = np.array([[c, -s, 0, shift[0]], [s, c, 0, shift[1]], [0, 0, 1, shift[2]], [0, 0, 0, 1]])
+    node.SetMatrixTransformToParent(mrml.geometry.matrix_from_array(matrix))
+    return node
+
+
+def _resample_to(context, node, fixed_node) -> np.ndarray:
+    """Slicer's resampling of ``node`` (through all its parent transforms) onto the fixed grid."""
+    out = context.volumes_logic.ResampleVolumeToReferenceVolume(node, fixed_node)
+    array = sitk.GetArrayFromImage(mrml.volume_to_image(out, world=False))
+    context.scene.RemoveNode(out)
+    return array
+
+
+def test_moving_volume_under_a_linear_transform_is_shown_registered_with_it_kept(context):
+    """The engine folds L into the moving image; showing the result must keep L (moving -> L -> result)."""
+    moving, fixed, _, _ = ss.make_test_volumes(context)
+    linear = _rotation_about_s(context, 0.25, (4.0, -3.0, 2.0))
+    moving.SetAndObserveTransformNodeID(linear.GetID())
+    moving_image = mrml.volume_to_image(moving)  # world geometry: L folded in, as the runner writes it
+    assert not np.allclose(moving_image.GetOrigin(), mrml.volume_to_image(moving, world=False).GetOrigin())
+    result = synthetic_result(moving_image, mrml.volume_to_image(fixed), amplitude=1.0)
+    job = mrml.RegistrationJob(moving=moving_image, fixed=None, node_ids={"fixed": fixed.GetID()})
+    nodes = mrml.RegistrationLogic(context=context).build(job, result)
+    transform = nodes["transform"]
+    engine_warped = sitk.GetArrayFromImage(result.warped)
+    inside = engine_warped != 0
+    tolerance = 1e-3 * engine_warped.max()
+
+    # What the old help text said: the moving volume straight under the result. L is dropped: misaligned.
+    moving.SetAndObserveTransformNodeID(transform.GetID())
+    dropped = _resample_to(context, moving, fixed)
+    assert np.abs(dropped[inside] - engine_warped[inside]).max() > 100 * tolerance
+    moving.SetAndObserveTransformNodeID(linear.GetID())
+
+    message = mrml.place_under_transform(moving, transform)
+    assert moving.GetParentTransformNode() is linear and linear.GetParentTransformNode() is transform
+    assert "'L'" in message and "keeps it" in message
+    matrix = vtk.vtkMatrix4x4()
+    linear.GetMatrixTransformToParent(matrix)
+    assert matrix.GetElement(0, 3) == 4.0, "L's own matrix is unchanged"
+    shown = _resample_to(context, moving, fixed)
+    both = inside & (shown != 0)
+    assert both.mean() > 0.3
+    np.testing.assert_allclose(shown[both], engine_warped[both], atol=tolerance)
+    assert "already" in mrml.place_under_transform(moving, transform)
+
+
+def test_place_under_transform_without_parent_and_refusing_nonlinear(context):
+    moving, fixed, _, _ = ss.make_test_volumes(context)
+    grid = context.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "result")
+    assert mrml.place_under_transform(moving, grid) == "'moving' is now under 'result'"
+    assert moving.GetParentTransformNode() is grid
+    other = context.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "other")
+    fixed.SetAndObserveTransformNodeID(other.GetID())
+    other.SetAndObserveTransformFromParent(
+        mrml.displacement_to_grid_transform(sitk.Image([4, 4, 4], sitk.sitkVectorFloat64))
+    )
+    with pytest.raises(ValueError, match="non-linear transform 'other'"):
+        mrml.place_under_transform(fixed, grid)
+
+
+def test_overwriting_every_output_adds_no_node(context):
+    """Output selectors pointing at existing nodes: a second run reuses them, label map and colour table too."""
+    moving, fixed, segmentation, labels = ss.make_test_volumes(context)
+    moving_image, fixed_image = mrml.volume_to_image(moving), mrml.volume_to_image(fixed)
+    labels_image = sitk.GetImageFromArray(labels.astype(np.uint16))
+    labels_image.CopyInformation(moving_image)
+    result = synthetic_result(moving_image, fixed_image, labels=labels_image)
+    job = mrml.RegistrationJob(
+        moving=moving_image,
+        fixed=fixed_image,
+        segments=mrml.segments_of(segmentation),
+        node_ids={"fixed": fixed.GetID(), "moving": moving.GetID()},
+    )
+    logic = mrml.RegistrationLogic(context=context)
+    first = logic.build(job, result)
+    outputs = mrml.OutputNodes(
+        transform=first["transform"],
+        warped=first["warped"],
+        jacobian=first["jacobian"],
+        folding=first["folding"],
+        segmentation=first["segmentation"],
+    )
+    before = ss.node_ids(context.scene)
+    second = logic.build(job, result, outputs)
+    assert ss.node_ids(context.scene) == before, "a run into existing outputs must not add nodes"
+    assert second["labelmap"] is first["labelmap"]
+    table = second["labelmap"].GetDisplayNode().GetColorNode()
+    assert table.GetAttribute("DTNRegistration.role") == "label-colors" and table.GetColorName(1) == "Head"

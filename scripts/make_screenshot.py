@@ -5,13 +5,14 @@
 
 Headless (slicer-core, no OpenGL): the samples are loaded into a scene as the module's Sample Data entries load
 them (volumes; the moving tissue label map as a segmentation, its segments then named and coloured),
-``mrml.RegistrationLogic.process`` registers them, and the result nodes are drawn by ``mrml.render_slice`` on
+``mrml.RegistrationLogic.process_in_child`` registers them as the module does (the engine in a child process,
+polled; the result nodes built from its files), and the result nodes are drawn by ``mrml.render_slice`` on
 one axial slice (radiological: patient right on the left, anterior up). Segmentations and transform grids are
 drawn by OpenGL displayable managers, which do not render headless, so the propagated segmentation and the
 folding voxels are shown through label maps of them, and the deformation grid (the transform node's
 displacement less the affine initialisation) is drawn with matplotlib over the fixed slice in a 5th panel.
 "Before" is the moving image after the affine initialisation alone; fixed green, moving magenta.
-About 15 s on 2 CPU cores without refinement.
+About 15 s on 2 CPU cores without refinement, a few minutes with the default 25 steps.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def main() -> None:
     context = mrml.create_headless_scene()
     moving, fixed, segmentation = load_samples(context)
     logic = mrml.RegistrationLogic(context=context)
-    nodes = logic.process(moving, fixed, model=args.model, refine=args.refine, moving_segmentation_node=segmentation)
+    # The module's path: the engine in a child process (mrml.RegistrationRunner), the nodes built from its files.
+    nodes = logic.process_in_child(
+        moving, fixed, model=args.model, refine=args.refine, moving_segmentation_node=segmentation
+    )
     result = logic.last_result
 
     fixed_image = mrml.volume_to_image(fixed)

@@ -2,17 +2,25 @@
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the file and the problem), 3 (batch, batch-merge)
 some pairs failed or are still pending while the others were done, 1 anything else.
+
+``--progress-format jsonl`` is for programs that run the engine as a child process (the Slicer module): one JSON
+object a line on stdout, ``{"fraction": 0.41, "message": "refining: step 1/25, ..."}`` for each stage and each
+refinement step; the first line carries the process id (``pid``), the last one of each pair ``output_dir`` and
+``report``, and a failure ``error`` (one line), ``kind`` and ``exit_code``. Nothing else is written to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
-from .imaging import InputError
-from .models import ModelError
+from .errors import InputError, ModelError
+from .options import PRESET_NAMES
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Samples"
 SAMPLE = {
@@ -41,7 +49,7 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="shipped model name or a .safetensors path")
     parser.add_argument(
         "--preset",
-        choices=["fast", "accurate"],
+        choices=PRESET_NAMES,
         default=None,
         help="refinement schedule: fast (default; coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level)",
     )
@@ -61,6 +69,12 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-affine", action="store_true", help="skip the affine initialisation")
     parser.add_argument("--format", default=".nii.gz", help="output image format: .nii.gz, .nii, .nrrd, .mha")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--progress-format",
+        choices=["bar", "jsonl"],
+        default="bar",
+        help="bar: a progress bar on stderr (default); jsonl: one JSON line per stage and step on stdout",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +157,28 @@ class _Progress:
             self.bar.close()
 
 
+def emit_json(**fields) -> None:
+    """One JSON line on stdout, flushed at once: a parent process reads it while the engine runs."""
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+class _JsonProgress:
+    """The engine's progress callback as JSON lines on stdout (``--progress-format jsonl``)."""
+
+    def __call__(self, fraction: float, message: str) -> None:
+        emit_json(fraction=round(float(fraction), 4), message=str(message))
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(args, label: str):
+    if getattr(args, "progress_format", "bar") == "jsonl":
+        return _JsonProgress()
+    return _Progress(args.quiet, label)
+
+
 def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed_labels=None, mask=None, scene=None):
     """Read, register and write one pair; returns the result. Nothing is left behind on failure."""
     from . import imaging, outputs, registration
@@ -150,7 +186,7 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
 
     extension = outputs.check_extension(args.format)
     stage = outputs.StagedOutput(output_dir)
-    progress = _Progress(args.quiet, Path(moving).name)
+    progress = _progress(args, Path(moving).name)
     try:
         moving_img = imaging.read_image(moving, "moving image")
         fixed_img = imaging.read_image(fixed, "fixed image")
@@ -188,6 +224,10 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
             Path(scene).parent.mkdir(parents=True, exist_ok=True)
             Path(output_dir, Path(scene).name).replace(scene)
         progress.close()
+        if isinstance(progress, _JsonProgress):
+            out = Path(output_dir).resolve()
+            names = [path.name for path in written]
+            emit_json(fraction=1.0, message="done", output_dir=str(out), report=str(out / "report.json"), files=names)
         if not args.quiet:
             _summary(result, written)
         return result
@@ -304,17 +344,34 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    jsonl = getattr(args, "progress_format", "bar") == "jsonl"
+    if jsonl:
+        emit_json(fraction=0.0, message="started", pid=os.getpid())
     try:
         return COMMANDS[args.command](args)
-    except (InputError, ModelError) as err:
-        print(f"dtnreg: error: {err}", file=sys.stderr)
-        return 2
+    except InputError as err:
+        return _fail(jsonl, f"dtnreg: error: {err}", 2, "input")
+    except ModelError as err:
+        return _fail(jsonl, f"dtnreg: error: {err}", 2, "model")
     except KeyboardInterrupt:
-        print("dtnreg: interrupted; no partial output was kept", file=sys.stderr)
-        return 1
+        return _fail(jsonl, "dtnreg: interrupted; no partial output was kept", 1, "interrupted")
+    except MemoryError:
+        return _fail(jsonl, "dtnreg: failed: out of memory (host RAM); try a smaller image or fewer steps", 1, "memory")
     except Exception as err:  # noqa: BLE001 - the contract: one line, exit 1
-        print(f"dtnreg: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+            return _fail(jsonl, "dtnreg: failed: the GPU ran out of memory; try --device cpu", 1, "memory")
+        return _fail(jsonl, f"dtnreg: failed: {type(err).__name__}: {err}", 1, "failed")
+
+
+def _fail(jsonl: bool, line: str, code: int, kind: str) -> int:
+    """The one-line reason on stderr (and, for a parent process, on stdout as JSON); returns the exit code."""
+    line = " ".join(line.split())  # one line, whatever the exception's text
+    if jsonl and kind not in ("input", "model"):  # a parent keeps stderr as its log: the traceback goes there
+        traceback.print_exc(file=sys.stderr)
+    print(line, file=sys.stderr)
+    if jsonl:
+        emit_json(error=line.removeprefix("dtnreg: "), kind=kind, exit_code=code)
+    return code
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
+from .errors import DataError, InputError
 from .imaging import (
-    InputError,
     affine_initialisation,
     model_reference,
     normalize_intensity,
@@ -42,10 +42,6 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_NAME_TOKENS = {"mask", "brainmask", "label", "labels", "seg", "aseg", "dseg", "parc", "kmeans"}
 CACHE_VERSION = 1
 Shape = tuple[int, int, int]
-
-
-class DataError(InputError):
-    """Training input that cannot be used; the message names the file and the problem."""
 
 
 @dataclass

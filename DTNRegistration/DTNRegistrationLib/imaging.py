@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import InputError
 from .file_checks import data_problem
 
 SIZE_MULTIPLE = 16
@@ -22,10 +23,6 @@ LABEL_PIXEL_TYPES = {
     sitk.sitkUInt64,
     sitk.sitkInt64,
 }
-
-
-class InputError(ValueError):
-    """Input the pipeline cannot use; the message names the file or image and the problem."""
 
 
 def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:

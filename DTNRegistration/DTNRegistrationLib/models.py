@@ -19,15 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import ModelError
 from .network import DTN, DTNConfig, build_model
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 REGISTRY_FILE = MODELS_DIR / "models.json"
 DEFAULT_SPACING_MM = 2.0
-
-
-class ModelError(ValueError):
-    """A weights file or model name that cannot be used."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .imaging import InputError
-from .registration import RegistrationResult
+from .result import LABELS_NAME, REPORT_NAME, RegistrationResult
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 COMPRESSION_LEVEL = 1
@@ -86,13 +86,13 @@ def write_result(
         "inverse_displacement": result.inverse_displacement,
         "jacobian": result.jacobian,
         "folding": result.folding,
-        "warped_labels": result.warped_labels,
+        LABELS_NAME: result.warped_labels,
     }
     wanted = None if which is None else {("inverse_displacement" if n == "inverse" else n) for n in which}
     images = {
         name: image
         for name, image in images.items()
-        if image is not None and (wanted is None or name in wanted or name == "warped_labels")
+        if image is not None and (wanted is None or name in wanted or name == LABELS_NAME)
     }
 
     def write(name: str) -> None:
@@ -112,7 +112,7 @@ def write_result(
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(write, images))
     content = {**report(result, inputs), **(provenance or {}), "outputs": [name + extension for name in images]}
-    stage.path("report.json").write_text(json.dumps(content, indent=2) + "\n")
+    stage.path(REPORT_NAME).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def write_stored_gzip(image: sitk.Image, path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,38 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from . import imaging, metrics, spatial
-from .imaging import InputError
+from .errors import Cancelled, InputError
 from .losses import SIMILARITIES
 from .models import LoadedModel, load_model
+from .options import DEFAULT_PRESET
 from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level
+from .result import RegistrationResult
 
 # Test-time refinement by default, coarse to fine: the shipped network is only a little better than the affine start
 # alone (see its model card); the presets' schedules were chosen on the development pairs (docs/benchmarks.md).
-DEFAULT_PRESET = "fast"
 DEFAULT_REFINE_SIMILARITY = "ncc"
 # Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
 # times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
 WORK_SPACING_MM = 2.0
-
-
-class Cancelled(Exception):
-    """The caller's cancel flag stopped the registration; nothing was produced."""
-
-
-@dataclass
-class RegistrationResult:
-    warped: sitk.Image
-    displacement: sitk.Image
-    inverse_displacement: sitk.Image | None  # None unless asked for (``register(..., inverse=True)``)
-    jacobian: sitk.Image
-    folding: sitk.Image
-    warped_labels: sitk.Image | None
-    metrics: dict
-    timings: dict
-    device: str
-    model: dict
-    alpha: float
-    affine: sitk.AffineTransform | None = field(default=None, repr=False)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

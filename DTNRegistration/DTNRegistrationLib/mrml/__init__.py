@@ -12,6 +12,8 @@ a :class:`SceneContext` (a scene and the module logics), which defaults to Slice
 * ``job``: what passes between prepare, compute and build;
 * ``nodes``: a registration result -> MRML nodes;
 * ``logic``: :class:`RegistrationLogic` (validate, prepare, compute, build);
+* ``runner``: :class:`RegistrationRunner`, the engine in a child process, polled from the main thread;
+* ``placement``: a moving-space node shown through the result, its linear transforms kept;
 * ``render``: a slice view as an image, without OpenGL;
 * ``export``: a segmentation to a file, a scene to a .mrb bundle.
 
@@ -42,7 +44,9 @@ from .grid_transform import displacement_to_grid_transform, grid_transform_to_di
 from .job import OutputNodes, RegistrationJob
 from .logic import RegistrationLogic, status_line
 from .nodes import FOLDING_COLOR, FOLDING_SEGMENT_ID, FOLDING_SEGMENT_NAME, add_volume_node, build_result_nodes
+from .placement import place_under_transform
 from .render import render_slice, render_slice_image
+from .runner import RegistrationRunner, RunnerState, child_python
 from .scene import ROLE_PREFIX, SceneContext, app_context, create_headless_scene
 from .segmentations import (
     SegmentInfo,
@@ -71,12 +75,15 @@ __all__ = [
     "OutputNodes",
     "RegistrationJob",
     "RegistrationLogic",
+    "RegistrationRunner",
+    "RunnerState",
     "SceneContext",
     "SegmentInfo",
     "add_segments_from_labels",
     "add_volume_node",
     "app_context",
     "build_result_nodes",
+    "child_python",
     "create_headless_scene",
     "default_segments",
     "displacement_to_grid_transform",
@@ -90,6 +97,7 @@ __all__ = [
     "node_ijk_to_world",
     "numpy_from_image_data",
     "oriented_image_from_image",
+    "place_under_transform",
     "render_slice",
     "render_slice_image",
     "restore_linear_interpolation",

@@ -1,8 +1,8 @@
 """The registration of two volume nodes, split into prepare, compute and build.
 
-``prepare`` (main thread: read the nodes, validate), ``compute`` (any thread: the engine only, no MRML) and
-``build`` (main thread: create the nodes), so that a cancelled or failed computation leaves the scene exactly
-as it was.
+``prepare`` (main thread: read the nodes, validate), ``compute`` (the engine only, no MRML: in this process, or in
+a child process through :class:`~.runner.RegistrationRunner`, as the Slicer module does) and ``build`` (main
+thread: create the nodes), so that a cancelled or failed computation leaves the scene exactly as it was.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
+from ..options import PRESET_NAMES
 from .geometry import volume_to_image
 from .job import OutputNodes, RegistrationJob
 from .nodes import build_result_nodes
+from .runner import RegistrationRunner
 from .scene import SceneContext, app_context
 from .segmentations import mask_to_image, segmentation_to_labels
 
@@ -59,6 +61,7 @@ class RegistrationLogic:
         device: str = "auto",
         model: str | None = None,
         refine: int | None = None,
+        preset: str | None = None,
         affine: bool = True,
         mask_node=None,
         moving_segmentation_node=None,
@@ -84,6 +87,8 @@ class RegistrationLogic:
             raise ValueError(f"alpha must be a positive number, got {alpha}")
         if refine is not None and int(refine) < 0:
             raise ValueError(f"refinement steps must be >= 0, got {refine}")
+        if preset is not None and preset not in PRESET_NAMES:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
         if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
             raise ValueError(f"unknown device {device!r}; use auto, cuda or cpu")
         _check_outputs(outputs, [moving_node, fixed_node, mask_node, moving_segmentation_node])
@@ -96,6 +101,7 @@ class RegistrationLogic:
                 "device": device,
                 "model": model or None,
                 "refine": refine,
+                "preset": preset,
                 "affine": bool(affine),
             },
             moving_name=moving_node.GetName(),
@@ -172,6 +178,30 @@ class RegistrationLogic:
         result = self.compute(job, progress=progress, cancel=cancel)
         nodes = self.build(job, result, selection.get("outputs"))
         self.last_result = result
+        return nodes
+
+    def process_in_child(
+        self,
+        moving_node,
+        fixed_node,
+        *,
+        timeout: float | None = None,
+        runner_options: dict | None = None,
+        **selection,
+    ) -> dict[str, Any]:
+        """As :meth:`process`, with the engine in a child process (the Slicer module's path), blocking.
+
+        ``runner_options``: keyword arguments of :class:`~.runner.RegistrationRunner` (``python``, ``env``, ...).
+        On ``timeout`` (seconds) the child is cancelled and ``Cancelled`` raised. Errors as for :meth:`process`.
+        """
+        job = self.prepare(moving_node, fixed_node, **selection)
+        runner = RegistrationRunner(job, **(runner_options or {}))
+        runner.start()
+        state = runner.wait(timeout)
+        if state.error is not None:
+            raise state.error
+        nodes = self.build(job, state.result, selection.get("outputs"))
+        self.last_result = state.result
         return nodes
 
 

@@ -18,6 +18,7 @@ from .segmentations import SegmentInfo, add_segments_from_labels
 FOLDING_SEGMENT_ID = "folding"
 FOLDING_SEGMENT_NAME = "Folding (det J <= 0)"
 FOLDING_COLOR = (1.0, 0.0, 0.0)
+LABELMAP_REFERENCE = ROLE_PREFIX + "labelmap"  # from a propagated segmentation to its label map
 
 
 def build_result_nodes(
@@ -74,11 +75,15 @@ def build_result_nodes(
             _set_references(segmentation, job, transform_node)
             nodes["segmentation"] = segmentation
             if outputs.create_labelmap or outputs.labelmap is not None:
-                labelmap = _new_or_existing(
-                    scene, outputs.labelmap, "vtkMRMLLabelMapVolumeNode", f"{on_fixed} label map"
+                # An output segmentation that is overwritten brings its label map (and that map's colour table)
+                # along, instead of a new pair of nodes at every run.
+                existing = outputs.labelmap or _referenced(
+                    segmentation, LABELMAP_REFERENCE, "vtkMRMLLabelMapVolumeNode"
                 )
+                labelmap = _new_or_existing(scene, existing, "vtkMRMLLabelMapVolumeNode", f"{on_fixed} label map")
                 _set_label_map(scene, labelmap, result.warped_labels, job)
                 _set_references(labelmap, job, transform_node)
+                segmentation.SetNodeReferenceID(LABELMAP_REFERENCE, labelmap.GetID())
                 nodes["labelmap"] = labelmap
     except Exception:
         remove_nodes_added_since(scene, ids_before)  # with their display and storage nodes and colour tables
@@ -133,6 +138,15 @@ def _new_or_existing(scene, existing, cls_name: str, name: str):
     if existing is not None:
         return existing
     return scene.AddNewNodeByClass(cls_name, scene.GenerateUniqueName(name))
+
+
+def _referenced(node, role: str, class_name: str):
+    """The node ``node`` references under ``role``, if it is still in the scene and of ``class_name``."""
+    target = node.GetNodeReference(role)
+    scene = node.GetScene()
+    if target is None or scene is None or not scene.IsNodePresent(target) or not target.IsA(class_name):
+        return None
+    return target
 
 
 def _set_references(node, job: RegistrationJob, transform_node=None) -> None:
