@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_samples import tissue_from_probabilities, to_2mm  # noqa: E402
 
-from DTNRegistrationLib import evaluation, evaluation_inputs, imaging, models, synth  # noqa: E402
+from DTNRegistrationLib import evaluation, evaluation_inputs, files, imaging, models, synth  # noqa: E402
 from DTNRegistrationLib.baselines import parse_methods  # noqa: E402
 from DTNRegistrationLib.evaluation_report import load_label_table  # noqa: E402
 
@@ -239,7 +239,7 @@ def write_results(args, sections: list[str], minutes: float) -> None:
         missing="" if baselines else MISSING_BASELINE,
     )
     text = header + "\n" + "\n".join(sections) + "\n" + USAGE
-    models.atomic_write(DOCS / "results.md", lambda tmp: Path(tmp).write_text(text))
+    files.atomic_write(DOCS / "results.md", lambda tmp: Path(tmp).write_text(text))
 
 
 HEADER = """# Results: DTN against its baselines

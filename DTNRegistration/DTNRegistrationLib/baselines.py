@@ -154,10 +154,6 @@ class DTNMethod(Method):
         return MethodOutput(result.displacement, result.warped, result.warped_labels, jacobian, info)
 
 
-def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
-    return sitk.DisplacementFieldTransform(sitk.Image(displacement))  # the transform takes its image over
-
-
 def outputs_from_transform(pair: PairImages, transform: sitk.Transform) -> MethodOutput:
     """Warped image, labels and the equivalent displacement field of a fixed-to-moving transform."""
     to_field = sitk.TransformToDisplacementFieldFilter()

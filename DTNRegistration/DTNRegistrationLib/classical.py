@@ -15,8 +15,8 @@ import tempfile
 import numpy as np
 import SimpleITK as sitk
 
-from .baselines import Method, MethodOutput, PairImages, _field_transform
-from .imaging import InputError
+from .baselines import Method, MethodOutput, PairImages
+from .imaging import InputError, field_transform
 
 
 class SyN(Method):
@@ -72,7 +72,7 @@ class SyN(Method):
                 )
                 warped_labels = from_ants(labels, pair.fixed, sitk.sitkInt32)
         warped = sitk.Resample(
-            pair.moving, pair.fixed, _field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+            pair.moving, pair.fixed, field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32
         )
         return MethodOutput(displacement, warped, warped_labels, info={"type": self.transform})
 
@@ -147,7 +147,7 @@ class Greedy(Method):
                 reslice = f"{common} -rf {path['fixed']} -r {path['warp']} {path['affine']} -rc {path['composed']}"
                 greedy.execute(reslice, out=quiet)
             displacement = sitk.Cast(sitk.ReadImage(path["composed"]), sitk.sitkVectorFloat64)
-        transform = _field_transform(displacement)
+        transform = field_transform(displacement)
         warped = sitk.Resample(pair.moving, pair.fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         warped_labels = None
         if pair.moving_labels is not None:

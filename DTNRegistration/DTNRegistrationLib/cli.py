@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import InputError, ModelError
+from .files import image_stem
 from .options import PRESET_NAMES
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Samples"
@@ -217,7 +218,7 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
         if scene:
             from .mrml import write_scene_from_files
 
-            names = (_stem(moving), _stem(fixed))
+            names = (image_stem(moving), image_stem(fixed))
             write_scene_from_files(moving_img, fixed_img, result, stage.path(Path(scene).name), m_labels, names=names)
         written = stage.commit()
         if scene and Path(scene).parent.resolve() != Path(output_dir).resolve():
@@ -235,11 +236,6 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
         progress.close()
         stage.discard()
         raise
-
-
-def _stem(path) -> str:
-    name = Path(path).name
-    return name.split(".")[0] or name
 
 
 def _summary(result, written) -> None:

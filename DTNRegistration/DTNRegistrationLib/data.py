@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
 from .errors import DataError, InputError
+from .files import IMAGE_SUFFIXES, atomic_write, image_stem
 from .imaging import (
     affine_initialisation,
     model_reference,
@@ -33,12 +34,10 @@ from .imaging import (
     read_labels,
     resample,
 )
-from .models import atomic_write
 from .pairs import MixedSource, RealData, RealPairSource, SynthPairSource, Volume, validation_pairs
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_NAME_TOKENS = {"mask", "brainmask", "label", "labels", "seg", "aseg", "dseg", "parc", "kmeans"}
 CACHE_VERSION = 1
 Shape = tuple[int, int, int]
@@ -54,11 +53,7 @@ class Subject:
 
     @property
     def name(self) -> str:
-        name = self.image.name
-        for suffix in IMAGE_SUFFIXES:
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return self.image.stem
+        return image_stem(self.image)
 
 
 @dataclass

@@ -303,7 +303,7 @@ def _jacobian_image(output, images) -> sitk.Image:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from .models import atomic_write
+    from .files import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .files import image_stem
 from .imaging import InputError
 
 ROLES = ("moving", "fixed", "moving_labels", "fixed_labels", "mask")
@@ -31,14 +32,6 @@ class PairSpec:
     @property
     def labelled(self) -> bool:
         return self.moving_labels is not None and self.fixed_labels is not None
-
-
-def _stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
 
 
 def _unique_names(pairs: list[PairSpec]) -> list[PairSpec]:
@@ -70,7 +63,7 @@ def pairs_from_csv(path: str | Path) -> list[PairSpec]:
         moving, fixed = resolve(row["moving"]), resolve(row["fixed"])
         if moving is None or fixed is None:
             raise InputError(f"pairs file {path}: a row has no moving or fixed image ({row})")
-        name = row.get("name") or f"{_stem(moving)}->{_stem(fixed)}"
+        name = row.get("name") or f"{image_stem(moving)}->{image_stem(fixed)}"
         pairs.append(PairSpec(name, moving, fixed, *(resolve(row.get(k)) for k in ROLES[2:])))
     return _unique_names(pairs)
 
@@ -92,7 +85,7 @@ def pairs_from_dataset_json(path: str | Path) -> list[PairSpec]:
         m, f = subjects.get(str(moving)), subjects.get(str(fixed))
         pairs.append(
             PairSpec(
-                f"{_stem(moving)}->{_stem(fixed)}",
+                f"{image_stem(moving)}->{image_stem(fixed)}",
                 moving,
                 fixed,
                 m.label if m else None,
@@ -120,7 +113,7 @@ def pairs_from_atlas(
     label = Path(atlas_labels) if atlas_labels else None
     mask = Path(atlas_mask) if atlas_mask else None
     return _unique_names(
-        [PairSpec(f"{s.name}->{_stem(atlas)}", s.image, atlas, s.label, label, mask) for s in subjects]
+        [PairSpec(f"{s.name}->{image_stem(atlas)}", s.image, atlas, s.label, label, mask) for s in subjects]
     )
 
 

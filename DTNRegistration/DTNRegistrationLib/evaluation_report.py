@@ -221,7 +221,7 @@ def _csv_value(value):
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    from .models import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
@@ -239,7 +239,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    from .models import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     _pyplot().close(fig)

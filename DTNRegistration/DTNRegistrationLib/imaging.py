@@ -218,6 +218,12 @@ def finer_grid(reference: sitk.Image, factor: int) -> sitk.Image:
     return fine
 
 
+def field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """A transform of an ITK displacement field, leaving the field itself intact (the transform takes over the
+    image it is given, so it gets a copy)."""
+    return sitk.DisplacementFieldTransform(sitk.Image(displacement))
+
+
 def resample(
     image: sitk.Image,
     reference: sitk.Image,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses, metrics, spatial
+from .synth import gaussian_blur
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RefineLevel:
     window: int = 5
     learning_rate: float = 0.1
     velocity_factor: int = 2
+    gradient_sigma: float = 0.0  # Gaussian smoothing (voxels) of the gradient before each step: 0 = off
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ def refine_schedule(
             v = spatial.resize_field(v, grid)
         base = spatial.resize_field(v, grid)
         dv = torch.zeros_like(base, requires_grad=True)
+        if level.gradient_sigma > 0:  # a smoothed (Sobolev-like) gradient: moves whole regions, not single voxels
+            dv.register_hook(lambda grad, sigma=level.gradient_sigma: gaussian_blur(grad, sigma))
         optimiser = torch.optim.Adam([dv], lr=level.learning_rate)
         level_mask = _pool_mask(mask, fixed.shape[2:])
         stats = losses.ncc_fixed_statistics(fixed, level.window) if similarity == "ncc" else None

@@ -165,7 +165,7 @@ def register(
         moving_corners = _corners(moving, transform.GetInverse())  # where the inverse field is evaluated
         inverse_field = _field_image(backward, reference, moving_corners)
         inverse_map = _full_map(inverse_field, transform.GetInverse(), moving, inverse=True)
-    warped = sitk.Resample(moving, fixed, _as_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped = sitk.Resample(moving, fixed, imaging.field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     jac_array = metrics.physical_jacobian_determinant(
         sitk.GetArrayViewFromImage(displacement), fixed.GetSpacing(), fixed.GetDirection()
     )
@@ -177,7 +177,12 @@ def register(
     report = {**_field_metrics(jac_array, mask), **refine_info}
     if moving_labels is not None:
         warped_labels = sitk.Resample(
-            moving_labels, fixed, _as_transform(displacement), sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID()
+            moving_labels,
+            fixed,
+            imaging.field_transform(displacement),
+            sitk.sitkNearestNeighbor,
+            0,
+            moving_labels.GetPixelID(),
         )
         if fixed_labels is not None:
             report.update(_dice_metrics(warped_labels, fixed_labels, moving_labels))
@@ -350,17 +355,12 @@ def _padding_to_cover(reference: sitk.Image, points: np.ndarray) -> tuple[list[i
     return lower.tolist(), upper.tolist()
 
 
-def _as_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
-    # DisplacementFieldTransform takes its image over, so hand it a copy.
-    return sitk.DisplacementFieldTransform(sitk.Image(displacement))
-
-
 def _full_map(grid_field: sitk.Image, affine: sitk.Transform, reference: sitk.Image, inverse: bool = False):
     """The single ITK displacement field on ``reference``'s grid that does the whole mapping.
 
     Forward (fixed grid): ``x -> A(x + d(x))``. Inverse (moving grid): ``y -> z + d_inv(z)``, ``z = A^-1(y)``.
     """
-    deform = _as_transform(grid_field)
+    deform = imaging.field_transform(grid_field)
     composite = sitk.CompositeTransform(3)
     if inverse:  # applied last-added first: A^-1, then the inverse deformation
         composite.AddTransform(deform)

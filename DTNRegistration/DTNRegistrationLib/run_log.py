@@ -6,7 +6,7 @@ import csv
 import os
 from pathlib import Path
 
-from .models import atomic_write
+from .files import atomic_write
 
 LOG_FILE = "train_log.csv"
 LOG_COLUMNS = (

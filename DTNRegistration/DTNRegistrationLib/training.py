@@ -46,7 +46,8 @@ from .checkpoints import (
     set_rng_state,
 )
 from .distributed import any_rank, setup_distributed
-from .models import ModelError, atomic_write, read_weights, save_weights
+from .files import atomic_write
+from .models import ModelError, read_weights, save_weights
 from .network import DTN, DTNConfig, build_model
 from .run_log import RunLog
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import SimpleITK as sitk  # noqa: N813
 import slicer
 
+from ..files import image_stem
 from .job import RegistrationJob
 from .nodes import add_volume_node, build_result_nodes, fill_segmentation
 from .render import render_slice_image
@@ -138,16 +139,7 @@ def write_scene_from_files(
             labels = imaging.read_labels(moving_labels, moving_image, "moving labels")
     if names is None:
         names = tuple(
-            _stem(source) if not isinstance(source, sitk.Image) else default
+            image_stem(source) if not isinstance(source, sitk.Image) else default
             for source, default in ((moving, "moving"), (fixed, "fixed"))
         )
     return save_result_scene(moving_image, fixed_image, result, mrb_path, moving_labels=labels, names=names)
-
-
-def _stem(path: str | os.PathLike) -> str:
-    """A file's name without its (possibly double) image extension."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".nhdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
