@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import slicer_app_standins as standins
 import slicer_scene as ss
 
-from DTNRegistrationLib import environment, errors, sample_data
+from DTNRegistrationLib import environment, errors, models, sample_data
 from DTNRegistrationLib.mrml import dependencies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_completer_gets_the_line_edit_as_parent(module, monkeypatch):
     widget.setup()
     try:
         assert qt.completers and all(completer.parent is widget.ui.modelLineEdit for completer in qt.completers)
-        assert "dtn-4mm" in qt.completers[0].items
+        assert models.registry()["default"] in qt.completers[0].items
     finally:
         widget.cleanup()  # the scene observers go with the panel
 

@@ -184,12 +184,18 @@ def transformer_free_models() -> list[str]:
 def method_specs(args, synthetic: bool) -> list[str]:
     """The compared methods; synthetic pairs share one grid and one pose, so no affine stage there."""
     no_affine = ":affine=0" if synthetic else ""
+    model = f"dtn:{args.model}"
     specs = ["identity"] + ([] if synthetic else ["affine"])
-    specs.append(f"dtn:{args.model}{no_affine}")
+    specs.append(f"{model}{no_affine}:name=DTN alone")
+    specs.append(f"{model}:preset=fast{no_affine}:name=DTN fast (default)")
+    if not args.no_accurate:
+        specs.append(f"{model}:preset=accurate{no_affine}:name=DTN accurate")
     if args.refine:
-        specs.append(f"dtn:{args.model}:refine={args.refine}{no_affine}")
+        specs.append(f"{model}:refine={args.refine}{no_affine}:name=DTN +{args.refine} steps (former default)")
     for baseline in args.baseline or transformer_free_models():
         specs.append(f"dtn:{baseline}{no_affine}")
+    if not args.no_greedy:
+        specs.append("greedy")
     if not args.no_syn:
         specs.append("syn:type=SyNOnly" if synthetic else "syn")
     return specs
@@ -251,8 +257,15 @@ and pastes the two reports below; every number is also in `results.csv` in its w
 
 - Model: {model}.
 - Transformer-free baseline (the paper's VM_dif-like ablation, variant `none`): {baseline}.
+- DTN rows: the network alone (`--refine 0`), the `fast` preset (the default: refinement at 4 and 2 mm), the
+  `accurate` preset (adds a 1 mm level; here the images are 2 mm, so its last level is finer than the data), and 25
+  steps on the 2 mm grid (the default before the presets).
+- PICSL greedy (`pip install picsl_greedy`): affine with normalised mutual information from a centre-of-mass start,
+  then deformable NCC 2x2x2, 100x50x10 iterations, on the full grid, all threads (`DTNRegistrationLib/classical.py`).
 - SyN: antspyx `ants.registration(type_of_transform="SyN")` with its default iterations (40x20x0, Mattes MI; the
   paper used 100x100x100), at 2 mm, on the CPU; `SyNOnly` on the synthetic pairs (they share one pose).
+- Times in these tables were measured while other work shared the 2 CPU cores: compare speed in
+  docs/benchmarks.md, which was measured on a quiet machine.
 - Everything at 2 mm: the development images are resampled to 2 mm (the ITK head keeps its 2 x 2 x 3 mm grid), the
   synthetic pairs are generated at 2 mm. The pipeline works on a 2 mm grid anyway (the shipped network at 4 mm).
 
@@ -275,7 +288,7 @@ USAGE = """## Evaluating other data: `dtnreg evaluate`
 
 ```bash
 dtnreg evaluate --pairs pairs.csv --output-dir eval \\
-    --methods identity affine dtn:default dtn:/path/w.safetensors:refine=20 syn
+    --methods identity affine dtn:default dtn:default:preset=fast dtn:default:preset=accurate greedy syn
 dtnreg evaluate --dataset-json OASIS_dataset.json --label-table seg35_labels.txt --output-dir eval
 dtnreg evaluate --atlas atlas.nii.gz --atlas-labels atlas_seg.nii.gz --images-dir imgs --labels-dir segs \\
     --output-dir eval
@@ -286,8 +299,10 @@ dtnreg evaluate --atlas atlas.nii.gz --atlas-labels atlas_seg.nii.gz --images-di
   from the subjects' `label`/`mask`), or an atlas and a folder (labels of the same file name in `--labels-dir`).
   Every file and every label map's grid is checked before any work.
 - Methods: `identity`; `affine` (the engine's affine initialisation alone); `dtn:MODEL` with MODEL a shipped name,
-  `default` or a weights file of any variant (DTN, DTN_s, DTN_c, transformer-free), options `refine=N`, `alpha=A`,
-  `affine=0`; `syn` (needs antspyx: `pip install '.[syn]'`), options `type=SyNOnly`, `iterations=100x100x100`,
+  `default` or a weights file of any variant (DTN, DTN_s, DTN_c, transformer-free), options `refine=N` or
+  `preset=fast|accurate` (without either: the network alone), `alpha=A`, `affine=0`; `greedy` (needs
+  `pip install picsl_greedy`), options `iterations=100x50x10`, `metric=NCC 2x2x2`, `threads=N`; `syn` (needs
+  antspyx: `pip install '.[syn]'`), options `type=SyNOnly`, `iterations=100x100x100`,
   `metric=CC`. Any method takes `name=LABEL`.
 - Label names: FreeSurfer's for the aseg numbers by default (a bundled subset,
   `Resources/Labels/FreeSurferColorLUT_subset.txt`), `--label-table numbers`, or any FreeSurfer-format or JSON table
@@ -312,7 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="shipped model name, 'default', or a .safetensors path")
     parser.add_argument("--baseline", nargs="*", help="transformer-free model(s) (default: registered 'none' ones)")
-    parser.add_argument("--refine", type=int, default=0, help="also run the model with this many refinement steps")
+    parser.add_argument("--refine", type=int, default=25, help="also N steps on the 2 mm grid (the former default)")
+    parser.add_argument("--no-accurate", action="store_true", help="leave the accurate preset out")
+    parser.add_argument("--no-greedy", action="store_true", help="leave PICSL greedy out")
     parser.add_argument("--devdata", type=Path, default=Path("/tmp/dtn-devdata"))
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dtn-results"))
     parser.add_argument("--synthetic-pairs", type=int, default=8)
