@@ -13,6 +13,9 @@ def test_l1_and_mse_by_hand_and_with_a_mask():
     mask = torch.zeros_like(a)
     mask[0, 0, 1] = 1
     assert float(losses.l1(a, b, mask)) == 0.0
+    # a mask that holds every difference leaves the value, and so its balance with the smoothness term, unchanged
+    mask[0, 0, 0, 0, 0] = 1
+    assert float(losses.l1(a, b, mask)) == pytest.approx(float(losses.l1(a, b)))
 
 
 def test_local_ncc_is_zero_for_identical_and_invariant_to_linear_intensity_change():

@@ -270,8 +270,25 @@ def test_a_coarser_network_runs_on_its_own_grid_and_its_field_keeps_its_size_in_
 
 
 @pytest.fixture(scope="module")
-def by_schedule(known_pair, tiny_model):
-    """The known deformation registered with each preset and with the single-level default of before (25 steps)."""
+def known_pair_1mm(known_pair):
+    """The known pair on a 1 mm grid (so that the accurate preset keeps its 1 mm level)."""
+
+    def finer(image, interpolator):
+        grid = sitk.Image([2 * n for n in image.GetSize()], image.GetPixelID())
+        grid.SetSpacing([s / 2 for s in image.GetSpacing()])
+        grid.SetOrigin([o - s / 4 for o, s in zip(image.GetOrigin(), image.GetSpacing())])
+        return sitk.Resample(image, grid, sitk.Transform(), interpolator)
+
+    return {
+        name: finer(image, sitk.sitkNearestNeighbor if "labels" in name else sitk.sitkLinear)
+        for name, image in known_pair.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def by_schedule(known_pair_1mm, tiny_model):
+    """The known deformation (1 mm) registered with each preset and with the former default (25 steps at 2 mm)."""
+    known_pair = known_pair_1mm
 
     def run(**options):
         return registration.register(
@@ -289,8 +306,8 @@ def by_schedule(known_pair, tiny_model):
     return {"before": run(refine=25), "fast": run(preset="fast"), "accurate": run(preset="accurate")}
 
 
-def test_both_presets_recover_a_known_deformation_at_least_as_well_as_the_former_default(known_pair, by_schedule):
-    before = _dice_before(known_pair)
+def test_both_presets_recover_a_known_deformation_at_least_as_well_as_the_former_default(known_pair_1mm, by_schedule):
+    before = _dice_before(known_pair_1mm)
     dice = {name: result.metrics["dice_mean"] for name, result in by_schedule.items()}
     assert dice["before"] > before + 0.05, dice
     assert dice["fast"] >= dice["before"] and dice["accurate"] >= dice["before"], dice
@@ -298,10 +315,31 @@ def test_both_presets_recover_a_known_deformation_at_least_as_well_as_the_former
         assert result.metrics["folding_percent"] <= 0.01 and result.inverse_displacement is None
 
 
-def test_the_accurate_preset_builds_its_field_on_its_finest_level(known_pair, by_schedule):
+def test_the_accurate_preset_builds_its_field_on_its_finest_level(known_pair_1mm, by_schedule):
     """The 1 mm level's correction reaches the output: the displacement still reproduces the warped image."""
     accurate = by_schedule["accurate"]
     assert accurate.metrics["refine_levels_mm"] == [4.0, 2.0, 1.0] and accurate.metrics["preset"] == "accurate"
     transform = sitk.DisplacementFieldTransform(sitk.Image(accurate.displacement))
-    again = sitk.Resample(known_pair["moving"], known_pair["fixed"], transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    pair = known_pair_1mm
+    again = sitk.Resample(pair["moving"], pair["fixed"], transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(accurate.warped))
+
+
+def test_levels_finer_than_the_fixed_image_are_left_out():
+    from DTNRegistrationLib import refinement
+
+    accurate = refinement.PRESETS["accurate"]
+    assert accurate.for_image_spacing(1.0).spacings == [4.0, 2.0, 1.0]
+    assert accurate.for_image_spacing(2.0).spacings == [4.0, 2.0]
+    assert accurate.for_image_spacing(0.5).spacings == [4.0, 2.0, 1.0]
+    assert accurate.for_image_spacing(8.0).spacings == [4.0]  # coarser than every level: the coarsest stays
+
+
+def test_a_fixed_mask_is_grown_so_that_the_brain_edge_counts():
+    mask = torch.zeros(1, 1, 20, 20, 20)
+    mask[..., 8:12, 8:12, 8:12] = 1
+    reference = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    reference.SetSpacing([2.0] * 3)
+    grown = registration.similarity_region(mask, reference)
+    radius = round(registration.MASK_MARGIN_MM / 2.0)
+    assert grown[0, 0, 8 - radius, 10, 10] == 1 and grown[0, 0, 8 - radius - 1, 10, 10] == 0

@@ -119,7 +119,12 @@ def _lookup(name: str):
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``x`` over the grid, counting only the mask's voxels (zeros elsewhere).
+
+    Dividing by the whole grid, not by the mask's size, keeps the similarity's weight against the smoothness term
+    the same with or without a mask: dividing by the mask's size made it 2-3x stronger on brain masks, and the
+    2 mm development pairs then folded on 0.02-0.05 % of the brain (docs/benchmarks.md).
+    """
     if mask is None:
         return x.mean()
-    m = mask.to(x.dtype).expand_as(x)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    return (x * mask.to(x.dtype).expand_as(x)).sum() / x.numel()
