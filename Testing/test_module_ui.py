@@ -195,8 +195,10 @@ def test_outputs_default_to_create_new_and_advanced_is_collapsed(ui, source):
         "model",
         "customRefinement",
         "refineSteps",
+        "refineSimilarity",
         "affine",
         "mask",
+        "movingExclusion",
     ):  # the advanced settings live in the collapsed box
         widget = by_parameter[name]
         parents = [p for p in ui["tree"].iter("widget") if widget in list(p.iter("widget")) and p is not widget]
@@ -335,6 +337,7 @@ def test_panel_defaults_match_the_engine(source):
                 if isinstance(item, ast.AnnAssign) and item.value is not None and isinstance(item.value, ast.Constant)
             }
             assert defaults["preset"] == registration.DEFAULT_PRESET and defaults["customRefinement"] is False
+            assert defaults["refineSimilarity"] == registration.DEFAULT_REFINE_SIMILARITY == "auto"
             return
     raise AssertionError("no @parameterNodeWrapper class in the module")
 
@@ -407,13 +410,18 @@ def test_placeholder_urls_come_from_one_repository_address():
     assert "EXTENSION_REPOSITORY" in (ROOT / "docs" / "slicer.md").read_text()
 
 
-def test_panel_presets_are_the_engines():
-    from DTNRegistrationLib import options, refinement
-
+def _module_constant(name: str):
     module = ast.parse(MODULE_FILE.read_text())
-    presets = next(
+    return next(
         ast.literal_eval(node.value)
         for node in module.body
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in node.targets)
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets)
     )
-    assert tuple(presets) == options.PRESET_NAMES == tuple(refinement.PRESETS)
+
+
+def test_panel_presets_and_similarities_are_the_engines():
+    from DTNRegistrationLib import losses, options, refinement
+
+    assert tuple(_module_constant("PRESETS")) == options.PRESET_NAMES == tuple(refinement.PRESETS)
+    similarities = tuple(_module_constant("SIMILARITIES"))
+    assert similarities == options.SIMILARITY_NAMES and set(similarities) == {"auto", *losses.SIMILARITIES}
