@@ -269,7 +269,7 @@ def test_moving_mask_and_auto_similarity_reach_the_report_and_a_slab_warns_even_
     assert run(files, tmp_path / "m", "--refine", "1", "--moving-mask", str(files / "moving_mask.nii.gz")) == 0
     report = json.loads((tmp_path / "m" / "report.json").read_text())
     assert report["input_files"]["moving_mask"]["path"] == str((files / "moving_mask.nii.gz").resolve())
-    assert report["metrics"]["refine_similarity"].startswith("ncc (auto: intensity rank correlation")
+    assert report["metrics"]["refine_similarity"].startswith("ncc (auto: increasing share")
     assert report["metrics"]["moving_mask_excluded"]["fixed_voxels"] > 0
     capsys.readouterr()
     slab = ["register", "--moving", str(tmp_path / "slab.nii.gz"), "--fixed", str(files / "fixed.nii.gz"), "--quiet"]

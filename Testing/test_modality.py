@@ -121,7 +121,7 @@ def test_a_cross_contrast_known_deformation_is_recovered(cross_pair, tiny_model)
     auto = _register(cross_pair, tiny_model)
     mind = _register(cross_pair, tiny_model, refine_similarity="mind")
     ncc = _register(cross_pair, tiny_model, refine_similarity="ncc")
-    assert auto.metrics["refine_similarity"].startswith("ngf (auto: intensity rank correlation")
+    assert auto.metrics["refine_similarity"].startswith("ngf (auto: increasing share")
     dice = {name: r.metrics["dice_mean"] for name, r in (("auto", auto), ("mind", mind), ("ncc", ncc))}
     assert dice["auto"] > before + 0.08 and dice["mind"] > before + 0.08, (before, dice)
     assert min(dice["auto"], dice["mind"]) > dice["ncc"] + 0.03, dice
@@ -131,8 +131,8 @@ def test_a_cross_contrast_known_deformation_is_recovered(cross_pair, tiny_model)
 @pytest.mark.parametrize(
     "table, expected",
     [
-        (T2_LIKE, "ngf (auto: intensity rank correlation"),
-        (T1_LIKE**1.5 * 3.0 + 0.1, "ncc (auto: intensity rank correlation"),  # same contrast, other scanner scale
+        (T2_LIKE, "ngf (auto: increasing share"),
+        (T1_LIKE**1.5 * 3.0 + 0.1, "ncc (auto: increasing share"),  # same contrast, other scanner scale
     ],
 )
 def test_auto_decides_from_the_pair_both_ways(tiny_model, table, expected):
@@ -143,16 +143,27 @@ def test_auto_decides_from_the_pair_both_ways(tiny_model, table, expected):
     assert result.metrics["refine_similarity"].startswith(expected), result.metrics["refine_similarity"]
 
 
-def test_rank_correlation_and_choice_on_arrays():
+def test_the_contrast_test_on_arrays():
+    """A monotone increasing relation (any scale, with noise) is one contrast; a decreasing or a non-monotone one
+    (CSF dark in both, grey and white matter swapped: FLAIR against T1, rank correlation near 0) is another.
+    Tissue shares as in a brain: CSF 15 %, grey matter 45 %, white matter 40 %."""
     rng = np.random.default_rng(0)
-    a = rng.uniform(size=(20, 20, 20)).astype(np.float32)
-    region = np.ones(a.shape, bool)
-    assert modality.rank_correlation(a, a**3, region) == pytest.approx(1.0)
-    assert modality.rank_correlation(a, 1 - a, region) == pytest.approx(-1.0)
-    assert modality.choose_similarity(a, 1 - a, region, "ncc")[0] == "ngf"
-    assert modality.choose_similarity(a, 2 * a + 1, region, "ncc")[0] == "ncc"
-    name, why = modality.choose_similarity(a, a, np.zeros(a.shape, bool), "ncc")
-    assert name == "ncc" and "too few" in why
+    tissue = rng.choice([1, 2, 3], size=(30, 30, 30), p=[0.15, 0.45, 0.4])
+    t1 = np.array([0.0, 0.2, 0.5, 0.8])[tissue] + rng.normal(0, 0.02, tissue.shape)
+    region = np.ones(tissue.shape, bool)
+    for table, expected in (
+        ([0.0, 0.1, 0.6, 0.9], "ncc"),  # same order
+        ([0.0, 0.9, 0.5, 0.2], "ngf"),  # T2-like: reversed
+        ([0.0, 0.1, 0.8, 0.5], "ngf"),  # FLAIR-like: CSF dark, grey brighter than white
+    ):
+        other = np.array(table)[tissue] + rng.normal(0, 0.02, tissue.shape)
+        assert modality.choose_similarity(other, t1, region, "ncc")[0] == expected, table
+    rho, eta = modality.intensity_dependence(t1**3, t1, region)
+    assert rho == pytest.approx(1.0) and eta == pytest.approx(1.0, abs=0.01)
+    name, why = modality.choose_similarity(t1, t1, np.zeros(t1.shape, bool), "ncc")
+    assert name == "ncc" and "too little intensity dependence" in why
+    unrelated = rng.uniform(size=t1.shape)
+    assert "too little" in modality.choose_similarity(unrelated, t1, region, "ncc")[1]
 
 
 def test_an_explicit_similarity_is_reported_as_asked_and_unknown_ones_are_refused(cross_pair, tiny_model):
