@@ -20,6 +20,10 @@ from .errors import InputError
 
 # Below this share of the fixed foreground inside the moving image's field of view, the report warns.
 LOW_COVERAGE_PERCENT = 90.0
+# Below this share the field of view restricts the similarity (a slab, a cropped head). Above it, a sliver of scalp
+# or nose beyond the edge is left as before: restricting it did not help there and added folding in the scalp
+# (ITK head -> ROBEX head, 99.5 % covered: 9085 folding voxels instead of 6611, all but 5 outside the brain).
+RESTRICT_BELOW_PERCENT = 99.0
 
 
 @dataclass
@@ -35,8 +39,9 @@ class MovingSupport:
 
     @property
     def needed(self) -> bool:
-        """Whether the similarity must be restricted (else ``valid`` changes nothing on the fixed foreground)."""
-        return self.masked or self.coverage_percent < 100.0
+        """Whether the similarity is restricted to ``valid``: a moving mask, or a field of view that misses more than
+        a sliver of the fixed foreground."""
+        return self.masked or self.coverage_percent < RESTRICT_BELOW_PERCENT
 
 
 def check_moving_mask(moving_mask: sitk.Image | None, moving: sitk.Image) -> None:
@@ -123,6 +128,7 @@ def excluded_region(
 
 __all__ = [
     "LOW_COVERAGE_PERCENT",
+    "RESTRICT_BELOW_PERCENT",
     "MovingSupport",
     "check_moving_mask",
     "excluded_region",
