@@ -41,6 +41,7 @@ REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 MODELS_DIR = MODULE_DIR / "Resources" / "Models"
 DEVICES = ["auto", "cuda", "cpu"]
 PRESETS = ["fast", "accurate"]  # as DTNRegistrationLib.refinement.PRESETS (a test checks)
+SIMILARITIES = ["auto", "ncc", "ngf", "mind", "l1", "mse"]  # as DTNRegistrationLib.options (a test checks)
 DEFAULT_ALPHA = 0.1  # as DTNRegistrationLib.model_info (a test checks): needed here before the engine is imported
 ALPHA_RANGE = (0.01, 1.0)
 TITLE = "DTN Registration"
@@ -77,7 +78,10 @@ several times slower on a CPU, it aligns small structures (cortex, ventricles, d
 for label propagation and measurements you will report. Advanced &gt; Custom refinement sets a number of steps on
 the 2 mm grid instead (0: the network's prediction alone).</p>
 <p><b>Inputs</b>: a moving and a fixed volume (any orientation; an affine initialisation runs first),
-optionally a segmentation of the moving volume to propagate and a mask of the fixed volume. Volumes are registered
+optionally a segmentation of the moving volume to propagate, a mask of the fixed volume and, under Advanced, what
+the fixed volume lacks (a lesion or resection cavity in the moving volume: left out of the matching, so it does not
+drive the deformation). <b>Similarity</b> (Advanced): <i>auto</i> uses local NCC for volumes of one contrast and
+normalised gradient fields when the contrasts differ (a T2 or FLAIR against a T1). Volumes are registered
 as they appear in the scene: a linear transform they are under is part of the input; a non-linear one must be
 hardened first. <b>Smoothness (alpha)</b>: larger gives smoother deformations and fewer folding voxels.
 <b>Device</b>: a CUDA GPU makes registration fast; the CPU works everywhere.</p>
@@ -157,7 +161,9 @@ class DTNRegistrationParameterNode:
     alpha: smoothness weight; device: auto, cuda or cpu; model: shipped model name or weights file ("" default).
     preset: refinement schedule, fast (coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level);
     customRefinement, refineSteps: instead of the preset, this many steps on the 2 mm grid (0: the network alone);
-    affine: affine initialisation; mask: optional fixed-image mask.
+    refineSimilarity: auto (ncc for one contrast, ngf when the contrasts differ), ncc, ngf, mind, l1 or mse;
+    affine: affine initialisation; mask: optional fixed-image mask; movingExclusion: optional label map or
+    segmentation of what the fixed volume lacks (a lesion, a resection cavity), left out of the similarity.
     output*: nodes to overwrite; None creates new ones named after the inputs.
     """
 
@@ -170,8 +176,10 @@ class DTNRegistrationParameterNode:
     preset: Annotated[str, Choice(PRESETS)] = "fast"
     customRefinement: bool = False
     refineSteps: Annotated[int, WithinRange(0, 1000)] = 25
+    refineSimilarity: Annotated[str, Choice(SIMILARITIES)] = "auto"
     affine: bool = True
     mask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
+    movingExclusion: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     outputTransform: Optional[vtkMRMLGridTransformNode]
     outputWarpedVolume: Optional[vtkMRMLScalarVolumeNode]
     outputJacobian: Optional[vtkMRMLScalarVolumeNode]
@@ -656,8 +664,10 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
             model=parameterNode.model or None,
             refine=parameterNode.refineSteps if parameterNode.customRefinement else None,
             preset=parameterNode.preset,
+            refine_similarity=parameterNode.refineSimilarity,
             affine=parameterNode.affine,
             mask_node=parameterNode.mask,
+            moving_exclusion_node=parameterNode.movingExclusion,
             moving_segmentation_node=parameterNode.movingSegmentation,
             outputs=outputs,
         )

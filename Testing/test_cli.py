@@ -72,7 +72,7 @@ def test_register_writes_the_contract(files, tmp_path):
         "alpha": None,
         "refine": 0,
         "preset": None,
-        "refine_similarity": None,
+        "refine_similarity": "auto",
         "affine": True,
         "format": ".nii.gz",
         "outputs": ["displacement", "folding", "jacobian", "warped"],
@@ -256,6 +256,29 @@ def test_refinement_options_reach_the_report(files, tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["metrics"]["refine_steps"] == 2 and report["metrics"]["refine_similarity"] == "ncc"
     assert report["metrics"]["start"].startswith(("network", "identity")) and "refine" in report["timings_s"]
+
+
+def test_moving_mask_and_auto_similarity_reach_the_report_and_a_slab_warns_even_quiet(files, tmp_path, capsys):
+    moving = sitk.ReadImage(str(files / "moving.nii.gz"))
+    hole = np.ones(SHAPE, np.uint8)
+    hole[12:18, 14:20, 12:18] = 0  # a "cavity" left out
+    mask = sitk.GetImageFromArray(hole)
+    mask.CopyInformation(moving)
+    sitk.WriteImage(mask, str(files / "moving_mask.nii.gz"))
+    sitk.WriteImage(moving[:, :, 10:22], str(tmp_path / "slab.nii.gz"))
+    assert run(files, tmp_path / "m", "--refine", "1", "--moving-mask", str(files / "moving_mask.nii.gz")) == 0
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert report["input_files"]["moving_mask"]["path"] == str((files / "moving_mask.nii.gz").resolve())
+    assert report["metrics"]["refine_similarity"].startswith("ncc (auto: increasing share")
+    assert report["metrics"]["moving_mask_excluded"]["fixed_voxels"] > 0
+    capsys.readouterr()
+    slab = ["register", "--moving", str(tmp_path / "slab.nii.gz"), "--fixed", str(files / "fixed.nii.gz"), "--quiet"]
+    assert cli.main(slab + ["--output-dir", str(tmp_path / "s"), "--model", str(files / "tiny.safetensors")]) == 0
+    assert "dtnreg: warning: the moving image's field of view covers only" in capsys.readouterr().err
+    sitk.WriteImage(mask[:, :, 10:22], str(tmp_path / "slab_mask.nii.gz"))
+    assert run(files, tmp_path / "c", "--moving-mask", str(tmp_path / "slab_mask.nii.gz")) == 2
+    err = capsys.readouterr().err
+    assert "moving mask" in err and "does not match its image's geometry" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ def test_torch_version_check(version, ok):
 
 
 def test_torch_requirement_matches_pyproject():
-    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert f'"torch{environment.TORCH_REQUIREMENT}"' in pyproject
 
 

@@ -72,7 +72,7 @@ def ui():
 
 @pytest.fixture(scope="module")
 def source():
-    return ast.parse(MODULE_FILE.read_text(), filename=str(MODULE_FILE))
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
 
 
 def _class(tree: ast.Module, name: str) -> ast.ClassDef:
@@ -195,8 +195,10 @@ def test_outputs_default_to_create_new_and_advanced_is_collapsed(ui, source):
         "model",
         "customRefinement",
         "refineSteps",
+        "refineSimilarity",
         "affine",
         "mask",
+        "movingExclusion",
     ):  # the advanced settings live in the collapsed box
         widget = by_parameter[name]
         parents = [p for p in ui["tree"].iter("widget") if widget in list(p.iter("widget")) and p is not widget]
@@ -204,7 +206,7 @@ def test_outputs_default_to_create_new_and_advanced_is_collapsed(ui, source):
 
 
 def test_module_metadata_and_structure(source):
-    text = MODULE_FILE.read_text()
+    text = MODULE_FILE.read_text(encoding="utf-8")
     module = _class(source, "DTNRegistration")
     init = ast.unparse(module)
     assert re.search(r"title = _\(['\"]DTN Registration['\"]\)", init)
@@ -244,10 +246,10 @@ def test_module_metadata_and_structure(source):
 
 
 def test_dependency_handling_uses_slicer_helpers(source):
-    text = (MODULE_DIR / "DTNRegistrationLib" / "mrml" / "dependencies.py").read_text()
+    text = (MODULE_DIR / "DTNRegistrationLib" / "mrml" / "dependencies.py").read_text(encoding="utf-8")
     assert "PyTorchUtils" in text and "installTorch" in text and "torchVersionRequirement" in text
     assert "pip_ensure" in text and "slicer.util.pip_install" in text
-    requirements = (MODULE_DIR / "Resources" / "requirements.txt").read_text()
+    requirements = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8")
     listed = {
         re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower()
         for line in requirements.splitlines()
@@ -277,27 +279,27 @@ def test_icons_are_128_pixel_pngs():
 
 
 def test_cmake_builds_the_module_with_every_engine_file():
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"project\(DTNRegistration\)", top)
     assert "add_subdirectory(DTNRegistration)" in top
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
         assert key in top
-    module = (MODULE_DIR / "CMakeLists.txt").read_text()
+    module = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in module and "WITH_GENERIC_TESTS" in module
     assert "${MODULE_NAME}Lib/*.py" in module, "the engine package must be part of the module's scripts"
     for resource in ("Resources/UI/${MODULE_NAME}.ui", "Resources/requirements.txt", "Resources/Icons/*.png"):
         assert resource in module
-    testing = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    testing = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicer_add_python_unittest(SCRIPT" in testing and "${MODULE_NAME}.py" in testing
 
 
 def test_extension_descriptions_agree():
     s4ext = {}
-    for line in (ROOT / "DTNRegistration.s4ext").read_text().splitlines():
+    for line in (ROOT / "DTNRegistration.s4ext").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition(" ")
             s4ext[key] = value.strip()
-    index = json.loads((ROOT / "DTNRegistration.json").read_text())
+    index = json.loads((ROOT / "DTNRegistration.json").read_text(encoding="utf-8"))
     assert index["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/")
     assert {"$schema", "category", "scm_url"} <= set(index)
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies"}
@@ -307,7 +309,7 @@ def test_extension_descriptions_agree():
     assert index["scm_url"] == s4ext["scmurl"]
     assert index["scm_revision"] == s4ext["scmrevision"]
     assert index["build_dependencies"] == s4ext["depends"].split() == ["PyTorch"]
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert f'"{s4ext["category"]}"' in top and f'"{s4ext["description"]}"' in top
     repository = re.search(r'set\(EXTENSION_REPOSITORY "([^"]+)"\)', top).group(1)
     raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/")
@@ -335,6 +337,7 @@ def test_panel_defaults_match_the_engine(source):
                 if isinstance(item, ast.AnnAssign) and item.value is not None and isinstance(item.value, ast.Constant)
             }
             assert defaults["preset"] == registration.DEFAULT_PRESET and defaults["customRefinement"] is False
+            assert defaults["refineSimilarity"] == registration.DEFAULT_REFINE_SIMILARITY == "auto"
             return
     raise AssertionError("no @parameterNodeWrapper class in the module")
 
@@ -378,16 +381,16 @@ def test_panel_never_waits_for_nvidia_smi(source):
 
 
 def test_license_and_contributors():
-    license_text = (ROOT / "LICENSE").read_text()
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "BSD 3-Clause License" in license_text and "DTNRegistration developers" in license_text
     assert "Neither the name of the copyright holder" in license_text
-    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'license = { text = "BSD-3-Clause" }' in pyproject
-    s4ext = (ROOT / "DTNRegistration.s4ext").read_text()
+    s4ext = (ROOT / "DTNRegistration.s4ext").read_text(encoding="utf-8")
     contributors = re.search(r"^contributors (.+)$", s4ext, re.M).group(1)
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     in_cmake = re.search(r'EXTENSION_CONTRIBUTORS "([^"]+)"', top).group(1)
-    module = re.search(r"contributors = \[(.+)\]", MODULE_FILE.read_text()).group(1)
+    module = re.search(r"contributors = \[(.+)\]", MODULE_FILE.read_text(encoding="utf-8")).group(1)
     in_module = [ast.literal_eval(item.strip()) for item in module.split('", ')]
     for names in (contributors, in_cmake, ", ".join(in_module)):
         for person in names.split(", "):
@@ -396,24 +399,29 @@ def test_license_and_contributors():
 
 def test_placeholder_urls_come_from_one_repository_address():
     """The repository's address is set once in CMakeLists.txt; the descriptions copy it (change them together)."""
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     repository = re.search(r'set\(EXTENSION_REPOSITORY "([^"]+)"\)', top).group(1)
     raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/")
-    urls = re.findall(r"https?://[^\s\"')]+", top + (ROOT / "DTNRegistration.s4ext").read_text())
-    urls += [json.loads((ROOT / "DTNRegistration.json").read_text())["scm_url"]]
+    urls = re.findall(r"https?://[^\s\"')]+", top + (ROOT / "DTNRegistration.s4ext").read_text(encoding="utf-8"))
+    urls += [json.loads((ROOT / "DTNRegistration.json").read_text(encoding="utf-8"))["scm_url"]]
     project = [url for url in urls if "DTNRegistration/" in url or url.endswith("DTNRegistration")]
     assert project and all(url.startswith((repository, raw)) for url in project), project
     assert top.count("github.com/DTNRegistration/SlicerDTNRegistration") == 1, "one literal address in CMake"
-    assert "EXTENSION_REPOSITORY" in (ROOT / "docs" / "slicer.md").read_text()
+    assert "EXTENSION_REPOSITORY" in (ROOT / "docs" / "slicer.md").read_text(encoding="utf-8")
 
 
-def test_panel_presets_are_the_engines():
-    from DTNRegistrationLib import options, refinement
-
-    module = ast.parse(MODULE_FILE.read_text())
-    presets = next(
+def _module_constant(name: str):
+    module = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    return next(
         ast.literal_eval(node.value)
         for node in module.body
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in node.targets)
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets)
     )
-    assert tuple(presets) == options.PRESET_NAMES == tuple(refinement.PRESETS)
+
+
+def test_panel_presets_and_similarities_are_the_engines():
+    from DTNRegistrationLib import losses, options, refinement
+
+    assert tuple(_module_constant("PRESETS")) == options.PRESET_NAMES == tuple(refinement.PRESETS)
+    similarities = tuple(_module_constant("SIMILARITIES"))
+    assert similarities == options.SIMILARITY_NAMES and set(similarities) == {"auto", *losses.SIMILARITIES}

@@ -18,7 +18,7 @@ def test_default_model_is_registered_loads_and_matches_its_checksum():
     assert loaded.name == name and loaded.sha256 == entry["sha256"]
     assert json.loads(json.dumps(loaded.config.to_dict())) == entry["config"]
     assert loaded.spacing_mm == entry["spacing_mm"]
-    assert (models.MODELS_DIR / "MODEL_CARD.md").read_text().count(entry["sha256"]) == 1
+    assert (models.MODELS_DIR / "MODEL_CARD.md").read_text(encoding="utf-8").count(entry["sha256"]) == 1
 
 
 def test_demo_writes_every_output_and_the_figure(tmp_path):
@@ -26,7 +26,7 @@ def test_demo_writes_every_output_and_the_figure(tmp_path):
     assert cli.main(["demo", "--output-dir", str(out), "--quiet", "--refine", "2"]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "warped_labels.nii.gz", "summary.png"} <= names
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["model"]["name"] == models.registry()["default"]
     assert report["metrics"]["dice_mean"] > 0.45  # tissue classes after affine + refinement (0.50 after affine alone)
 

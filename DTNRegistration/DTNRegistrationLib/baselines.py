@@ -32,6 +32,7 @@ class PairImages:
     moving_labels: sitk.Image | None = None
     fixed_labels: sitk.Image | None = None
     mask: sitk.Image | None = None
+    moving_mask: sitk.Image | None = None
 
 
 @dataclass
@@ -142,6 +143,7 @@ class DTNMethod(Method):
             pair.fixed,
             moving_labels=pair.moving_labels,
             mask=pair.mask,
+            moving_mask=pair.moving_mask,
             alpha=self.alpha if alpha is None else alpha,
             device=self.device,
             model=self.loaded,

@@ -28,7 +28,7 @@ SUMMARY = "batch_summary.csv"
 SHARD_SUMMARY = "batch_summary-shard-{k}-of-{n}.csv"
 SHARD_SUMMARY_PATTERN = re.compile(r"batch_summary-shard-(\d+)-of-(\d+)\.csv")
 FIELDS = ("index", "name", "shard", "status", "seconds", "dice_mean", "error", "moving", "fixed")
-ROLES = ("moving", "fixed", "moving_labels", "fixed_labels", "mask")
+ROLES = ("moving", "fixed", "moving_labels", "fixed_labels", "mask", "moving_mask")
 EXIT_PAIRS_FAILED = 3
 
 
@@ -185,7 +185,7 @@ def _run_one(args, loaded, run_pair, row: dict, out: Path, shard: str, options: 
             dice = (done.get("metrics") or {}).get("dice_mean")
             return _record(row, shard, "skipped", time.perf_counter() - start, dice)
         files = {role: row[role] for role in ROLES[2:]}
-        result = run_pair(args, loaded, row["moving"], row["fixed"], out / name, *files.values())
+        result = run_pair(args, loaded, row["moving"], row["fixed"], out / name, **files)
         dice = result.metrics.get("dice_mean")
         return _record(row, shard, "ok", time.perf_counter() - start, dice)
     except Exception as err:  # noqa: BLE001 - one bad pair must not stop the cohort

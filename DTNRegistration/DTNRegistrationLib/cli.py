@@ -21,7 +21,7 @@ from pathlib import Path
 from . import __version__
 from .errors import InputError, ModelError
 from .files import image_stem
-from .options import PRESET_NAMES
+from .options import DEFAULT_SIMILARITY, PRESET_NAMES, SIMILARITY_NAMES
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Samples"
 SAMPLE = {
@@ -65,7 +65,12 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
         " report.json always; warped_labels whenever labels are given)",
     )
     parser.add_argument(
-        "--refine-similarity", choices=["l1", "mse", "ncc"], help="similarity of the refinement (default: ncc)"
+        "--refine-similarity",
+        choices=SIMILARITY_NAMES,
+        default=DEFAULT_SIMILARITY,
+        help="similarity of the refinement: auto (default; ncc for one contrast, ngf when the contrasts differ, "
+        "e.g. T2 or FLAIR against T1; the choice is in report.json), ncc, ngf (normalised gradient fields), mind "
+        "(MIND-SSC descriptors), l1, mse",
     )
     parser.add_argument("--no-affine", action="store_true", help="skip the affine initialisation")
     parser.add_argument("--format", default=".nii.gz", help="output image format: .nii.gz, .nii, .nrrd, .mha")
@@ -89,12 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-labels")
     reg.add_argument("--fixed-labels")
     reg.add_argument("--mask", help="fixed-image mask restricting the similarity (e.g. a brain mask)")
+    reg.add_argument(
+        "--moving-mask",
+        help="moving-image mask: where it is 0 (a lesion or resection cavity the fixed image lacks) is left out of "
+        "the similarity",
+    )
     reg.add_argument("--output-dir", required=True)
     reg.add_argument("--scene", help="also write a Slicer scene (.mrb) with the result nodes (needs slicer-core)")
     _add_registration_options(reg)
 
     batch = sub.add_parser("batch", help="many pairs with one loaded model: a CSV of pairs, or one atlas")
-    batch.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,name]")
+    batch.add_argument(
+        "--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,moving_mask,name]"
+    )
     batch.add_argument("--fixed", help="atlas mode: one fixed image ...")
     batch.add_argument("--moving", nargs="+", help="... and many moving images")
     batch.add_argument("--output-dir", required=True, help="one sub-folder per pair, and batch_summary.csv")
@@ -180,7 +192,9 @@ def _progress(args, label: str):
     return _Progress(args.quiet, label)
 
 
-def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed_labels=None, mask=None, scene=None):
+def _run_pair(
+    args, loaded, moving, fixed, output_dir, moving_labels=None, fixed_labels=None, mask=None, scene=None, **more
+):
     """Read, register and write one pair; returns the result. Nothing is left behind on failure."""
     from . import imaging, outputs, registration
     from .batch import input_fingerprints, requested_options
@@ -194,8 +208,11 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
         m_labels = imaging.read_labels(moving_labels, moving_img, "moving labels") if moving_labels else None
         f_labels = imaging.read_labels(fixed_labels, fixed_img, "fixed labels") if fixed_labels else None
         mask_img = imaging.read_labels(mask, fixed_img, "mask") if mask else None
+        moving_mask = more.get("moving_mask")
+        moving_mask_img = imaging.read_labels(moving_mask, moving_img, "moving mask") if moving_mask else None
         named = {"moving": moving, "fixed": fixed, "moving_labels": moving_labels, "fixed_labels": fixed_labels}
-        inputs = {key: None if value is None else str(value) for key, value in {**named, "mask": mask}.items()}
+        named.update(mask=mask, moving_mask=moving_mask)
+        inputs = {key: None if value is None else str(value) for key, value in named.items()}
         # what these outputs were made from, taken before the work: `dtnreg batch` skips a pair when it matches
         provenance = {"input_files": input_fingerprints(inputs), "options": requested_options(args)}
         result = registration.register(
@@ -204,6 +221,7 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
             moving_labels=m_labels,
             fixed_labels=f_labels,
             mask=mask_img,
+            moving_mask=moving_mask_img,
             alpha=args.alpha,
             device=args.device,
             model=loaded,
@@ -229,6 +247,8 @@ def _run_pair(args, loaded, moving, fixed, output_dir, moving_labels=None, fixed
             out = Path(output_dir).resolve()
             names = [path.name for path in written]
             emit_json(fraction=1.0, message="done", output_dir=str(out), report=str(out / "report.json"), files=names)
+        for warning in result.metrics.get("warnings", []):  # also with --quiet: a result to check, not progress
+            print(f"dtnreg: warning: {warning}", file=sys.stderr)
         if not args.quiet:
             _summary(result, written)
         return result
@@ -263,6 +283,7 @@ def cmd_register(args) -> int:
         args.fixed_labels,
         args.mask,
         args.scene,
+        moving_mask=args.moving_mask,
     )
     return 0
 

@@ -412,7 +412,7 @@ def _ants_version() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dtnreg evaluate``."""
     src = parser.add_argument_group("pairs (one of)")
-    src.add_argument("--pairs", help="CSV with columns moving,fixed,moving_labels,fixed_labels[,mask,name]")
+    src.add_argument("--pairs", help="CSV with columns moving,fixed,moving_labels,fixed_labels[,mask,moving_mask,name]")
     src.add_argument("--dataset-json", help="Learn2Reg/OASIS dataset JSON (registration_val pairs, or validation)")
     src.add_argument("--atlas", help="atlas mode: fixed image; every image of --images-dir is registered onto it")
     src.add_argument("--atlas-labels", help="the atlas's label map")

@@ -12,12 +12,12 @@ import SimpleITK as sitk
 from .files import image_stem
 from .imaging import InputError
 
-ROLES = ("moving", "fixed", "moving_labels", "fixed_labels", "mask")
+ROLES = ("moving", "fixed", "moving_labels", "fixed_labels", "mask", "moving_mask")
 
 
 @dataclass
 class PairSpec:
-    """One pair to evaluate (paths); labels and the fixed-image mask are optional."""
+    """One pair to evaluate (paths); labels and the fixed- and moving-image masks are optional."""
 
     name: str
     moving: Path
@@ -25,6 +25,7 @@ class PairSpec:
     moving_labels: Path | None = None
     fixed_labels: Path | None = None
     mask: Path | None = None
+    moving_mask: Path | None = None
 
     def files(self) -> dict[str, Path]:
         return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
@@ -45,7 +46,8 @@ def _unique_names(pairs: list[PairSpec]) -> list[PairSpec]:
 
 
 def pairs_from_csv(path: str | Path) -> list[PairSpec]:
-    """Pairs from a CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,name] (paths relative to it)."""
+    """Pairs from a CSV with columns moving,fixed[,moving_labels,fixed_labels,mask,moving_mask,name] (paths relative
+    to it)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"pairs file {path}: file not found")
@@ -156,7 +158,12 @@ def check_pairs(pairs: list[PairSpec]) -> None:
                 except (InputError, RuntimeError) as err:
                     headers[path] = None
                     problems.append(f"pair {pair.name}, {role.replace('_', ' ')}: {str(err).strip().splitlines()[0]}")
-        for role, image in (("moving_labels", "moving"), ("fixed_labels", "fixed"), ("mask", "fixed")):
+        for role, image in (
+            ("moving_labels", "moving"),
+            ("fixed_labels", "fixed"),
+            ("mask", "fixed"),
+            ("moving_mask", "moving"),
+        ):
             path = getattr(pair, role)
             if path is not None and headers.get(path) and headers.get(getattr(pair, image)):
                 problem = _grid_problem(headers[path], headers[getattr(pair, image)])
@@ -185,6 +192,7 @@ def load_pair(pair: PairSpec):
         labels(pair.moving_labels, moving, "moving labels"),
         labels(pair.fixed_labels, fixed, "fixed labels"),
         labels(pair.mask, fixed, "mask"),
+        labels(pair.moving_mask, moving, "moving mask"),
     )
 
 

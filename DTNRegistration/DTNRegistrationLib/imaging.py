@@ -260,13 +260,50 @@ def affine_initialisation(
         sitk.Euler3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
     )
-    rigid = _run_mi(fixed_small, moving_small, fixed_fg, initial, seed, iterations=(100, 60))
+    rigid = _best_rigid(fixed_small, moving_small, fixed_fg, _starts(initial, fixed_fg, moving_fg), seed)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
     affine = _run_mi(fixed_small, moving_small, fixed_fg, affine, seed, iterations=(100, 60))
     return sitk.AffineTransform(affine)
+
+
+# Foregrounds whose superior-inferior extents differ by more than this factor (a neck and shoulders on one side, a
+# slab on the other) get more rigid starts than the centres of mass, which such extents move far apart.
+EXTENT_RATIO = 0.8
+
+
+def _starts(initial: sitk.Euler3DTransform, fixed_fg: sitk.Image, moving_fg: sitk.Image) -> list:
+    """Rigid starts: the centres of mass aligned; when the foregrounds' heights differ, also their tops (the vertex
+    is in every head or brain image; a neck or a cut-off end is not) and the scanner's own coordinates."""
+    fixed_lo, fixed_hi = physical_bounds(fixed_fg, fixed_fg)
+    moving_lo, moving_hi = physical_bounds(moving_fg, moving_fg)
+    heights = sorted([fixed_hi[2] - fixed_lo[2], moving_hi[2] - moving_lo[2]])
+    if heights[1] <= 0 or heights[0] / heights[1] >= EXTENT_RATIO:
+        return [initial]
+    top = sitk.Euler3DTransform(initial)
+    shift = np.array(initial.GetTranslation())
+    shift[2] = moving_hi[2] - fixed_hi[2]  # LPS z: superior
+    top.SetTranslation(tuple(float(x) for x in shift))
+    scanner = sitk.Euler3DTransform()
+    scanner.SetCenter(initial.GetCenter())
+    return [initial, top, scanner]
+
+
+def _best_rigid(fixed, moving, fixed_mask, starts: list, seed: int) -> sitk.Transform:
+    """The rigid fit of lowest mutual-information metric over the starts (a start without overlap is skipped)."""
+    best, best_value = None, np.inf
+    for start in starts:
+        try:
+            transform, value = _run_mi(fixed, moving, fixed_mask, start, seed, (100, 60), with_value=True)
+        except RuntimeError:  # ITK: too few samples map inside the moving image
+            continue
+        if value < best_value:
+            best, best_value = transform, value
+    if best is None:
+        raise InputError("affine initialisation failed: the images do not overlap from any start; check them")
+    return best
 
 
 def _mask_on(mask: sitk.Image | None, grid: sitk.Image) -> sitk.Image:
@@ -294,7 +331,7 @@ def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return resample(blurred, reference)
 
 
-def _run_mi(fixed, moving, fixed_mask, initial, seed: int, iterations: tuple[int, int]) -> sitk.Transform:
+def _run_mi(fixed, moving, fixed_mask, initial, seed: int, iterations: tuple[int, int], with_value: bool = False):
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.REGULAR)
@@ -311,4 +348,4 @@ def _run_mi(fixed, moving, fixed_mask, initial, seed: int, iterations: tuple[int
     transform = initial.__class__(initial)
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed, moving)
-    return transform
+    return (transform, method.GetMetricValue()) if with_value else transform

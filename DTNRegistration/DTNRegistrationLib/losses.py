@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import spatial
+from . import modality, spatial
 
 
 def l1(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +75,59 @@ def dice_loss(warped_onehot: torch.Tensor, fixed_onehot: torch.Tensor, eps: floa
     return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
-SIMILARITIES = {"l1": l1, "mse": mse, "ncc": local_ncc}
+def mind(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MIND-SSC descriptor distance (``modality``): contrast-independent. One-channel images get their descriptors
+    computed here; descriptor stacks (from :func:`prepare_similarity`) are compared as they are."""
+    if warped.shape[1] == 1:
+        warped, fixed = modality.mind_ssc(warped), modality.mind_ssc(fixed)
+    return modality.descriptor_distance(warped, fixed, mask)
+
+
+def ngf(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised gradient fields (``modality``): contrast-independent; ``fixed`` may be its precomputed field."""
+    return modality.ngf_distance(warped, fixed, mask)
+
+
+SIMILARITIES = {"l1": l1, "mse": mse, "ncc": local_ncc, "ngf": ngf, "mind": mind}
+
+
+def prepare_similarity(
+    similarity: str, moving: torch.Tensor, fixed: torch.Tensor, window: int = 9, moving_mask: torch.Tensor | None = None
+):
+    """What an optimisation on one pair compares, computed once: ``(moving, fixed, fixed_stats)`` for
+    :func:`registration_objective`. NCC: the fixed image's local statistics; NGF: the fixed image's normalised
+    gradient field; MIND: both images' descriptors (the objective then warps the moving descriptors, far cheaper
+    than computing them anew at every step). Where
+    ``moving_mask`` is 0 the moving image is first filled in from its surroundings (:func:`fill_left_out`)."""
+    if moving_mask is not None:
+        moving = fill_left_out(moving, moving_mask)
+    if similarity == "ncc":
+        return moving, fixed, ncc_fixed_statistics(fixed, window)
+    if similarity == "ngf":
+        return moving, modality.normalised_gradient(fixed), None
+    if similarity == "mind":
+        return modality.mind_ssc(moving), modality.mind_ssc(fixed), None
+    return moving, fixed, None
+
+
+def fill_left_out(image: torch.Tensor, mask: torch.Tensor, max_passes: int = 64) -> torch.Tensor:
+    """``image`` with the voxels where ``mask`` is 0 replaced by the mean of their kept neighbours, one voxel layer a
+    pass (the rest, if any, by the kept mean). Excluding a region from the similarity is not enough: its edge (a dark
+    cavity, the zeros beyond a slab) would still pull the tissue around it across; filled in, it has no edge."""
+    keep = (mask > 0.5).to(image.dtype).expand_as(image)
+    if bool(keep.all()) or not bool(keep.any()):
+        return image
+    values = image * keep
+    for _ in range(max_passes):
+        total = F.avg_pool3d(values, 3, stride=1, padding=1)
+        count = F.avg_pool3d(keep, 3, stride=1, padding=1)
+        grow = (keep == 0) & (count > 0)
+        values = torch.where(grow, total / count.clamp_min(1e-12), values)
+        keep = torch.where(grow, torch.ones_like(keep), keep)
+        if bool(keep.all()):
+            return values
+    mean = (values * keep).sum() / keep.sum()
+    return torch.where(keep > 0, values, mean)
 
 
 def registration_objective(
@@ -89,15 +141,25 @@ def registration_objective(
     mask: torch.Tensor | None = None,
     integration_steps: int = 7,
     fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's loss: ``similarity(moving o exp(v), fixed) + alpha * ||grad v||^2``.
 
     ``v`` is a velocity in voxels of its own grid (possibly coarser than the images'); ``alpha`` a float or one
     value per pair of the batch; ``window`` is the NCC window and ``fixed_stats`` its precomputed fixed-image
-    statistics (both ignored by L1 and MSE).
+    statistics (both ignored by L1 and MSE). ``moving_mask`` (on the moving image's grid) leaves out of the
+    similarity the fixed points whose warped mask is 0 (a cavity, beyond the moving field of view); the weight is
+    not differentiated, so the deformation cannot lower the loss by moving the mask.
     """
     u = spatial.resize_field(spatial.integrate(v, integration_steps), tuple(fixed.shape[2:]))
     warped = spatial.warp(moving, u)
+    if moving_mask is not None:
+        weight = spatial.warp(moving_mask.to(u.dtype), u.detach())
+        # minus the voxels whose NCC window or MIND patch reaches into the left-out region
+        reach = {"ncc": window, "ngf": modality.NGF_REACH, "mind": modality.MIND_REACH}.get(similarity, 1)
+        if reach > 1:
+            weight = -F.max_pool3d(-weight, reach, stride=1, padding=reach // 2)
+        mask = weight if mask is None else mask * weight
     if similarity == "ncc":
         sim = local_ncc(warped, fixed, window, mask, fixed_stats=fixed_stats)
     else:
@@ -107,7 +169,7 @@ def registration_objective(
 
 
 def similarity(name: str):
-    """The similarity function called ``name`` (``l1``, ``mse`` or ``ncc``)."""
+    """The similarity function called ``name`` (``l1``, ``mse``, ``ncc``, ``ngf`` or ``mind``)."""
     return _lookup(name)
 
 

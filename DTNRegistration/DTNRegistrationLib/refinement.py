@@ -87,6 +87,7 @@ def objective(
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
     fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The registration objective of ``v`` (on its own, possibly coarser, grid) on one image pair."""
     return losses.registration_objective(
@@ -99,6 +100,7 @@ def objective(
         mask=mask,
         integration_steps=integration_steps,
         fixed_stats=fixed_stats,
+        moving_mask=moving_mask,
     )
 
 
@@ -118,6 +120,7 @@ def better_start(
     similarity: str = "ncc",
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
+    moving_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, str]:
     """The network's velocity, or zero when no deformation scores better on :func:`objective` or the field folds.
 
@@ -126,7 +129,14 @@ def better_start(
     field and ``"network"``, ``"identity"`` or ``"identity (network field folds)"``.
     """
     zero = torch.zeros_like(velocity)
-    options = dict(similarity=similarity, mask=mask, integration_steps=integration_steps)
+    moving, fixed, stats = losses.prepare_similarity(similarity, moving, fixed, moving_mask=moving_mask)
+    options = dict(
+        similarity=similarity,
+        mask=mask,
+        integration_steps=integration_steps,
+        fixed_stats=stats,
+        moving_mask=moving_mask,
+    )
     with torch.no_grad():
         network = float(objective(velocity, moving, fixed, alpha, **options))
         identity = float(objective(zero, moving, fixed, alpha, **options))
@@ -157,6 +167,7 @@ def refine_schedule(
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
     on_step: Callable[[int, int, float], None] | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Refine ``velocity`` level by level; ``pyramid[i]`` is the (moving, fixed) pair of ``schedule.levels[i]``.
 
@@ -175,7 +186,8 @@ def refine_schedule(
         dv = torch.zeros_like(base, requires_grad=True)
         optimiser = torch.optim.Adam([dv], lr=level.learning_rate)
         level_mask = _pool_mask(mask, fixed.shape[2:])
-        stats = losses.ncc_fixed_statistics(fixed, level.window) if similarity == "ncc" else None
+        level_moving_mask = _pool_mask(moving_mask, fixed.shape[2:])
+        moving, fixed, stats = losses.prepare_similarity(similarity, moving, fixed, level.window, level_moving_mask)
         history: list[float] = []
         steps = 0
         for _ in range(level.steps):
@@ -190,6 +202,7 @@ def refine_schedule(
                 mask=level_mask,
                 integration_steps=integration_steps,
                 fixed_stats=stats,
+                moving_mask=level_moving_mask,
             )
             loss.backward()
             optimiser.step()

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import imaging, metrics, spatial
+from . import coverage, imaging, metrics, spatial
 from .errors import Cancelled, InputError
 from .losses import SIMILARITIES
 from .models import LoadedModel, load_model
@@ -25,7 +25,10 @@ from .result import RegistrationResult
 
 # Test-time refinement by default, coarse to fine: the shipped network is only a little better than the affine start
 # alone (see its model card); the presets' schedules were chosen on the development pairs (docs/benchmarks.md).
-DEFAULT_REFINE_SIMILARITY = "ncc"
+# auto: local NCC for pairs of one contrast, normalised gradient fields when the contrasts differ (modality.py;
+# docs/results.md).
+DEFAULT_REFINE_SIMILARITY = "auto"
+SAME_CONTRAST_SIMILARITY = "ncc"
 # Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
 # times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
 WORK_SPACING_MM = 2.0
@@ -74,6 +77,7 @@ def register(
     moving_labels: sitk.Image | None = None,
     fixed_labels: sitk.Image | None = None,
     mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
     alpha: float | None = None,
     device: str = "auto",
     model: str | LoadedModel | None = None,
@@ -90,6 +94,7 @@ def register(
     stages = _Stages(progress, cancel)
     stages.begin("validate", 0.0, "checking inputs")
     moving, fixed = _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask)
+    coverage.check_moving_mask(moving_mask, moving)
     torch_device = resolve_device(device)
     stages.begin("load_model", 0.02, "loading model")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -99,12 +104,13 @@ def register(
         raise InputError(f"alpha must be a positive number, got {alpha}")
     schedule = refinement_schedule(preset, refine).for_image_spacing(min(fixed.GetSpacing()))
     refine_similarity = refine_similarity or DEFAULT_REFINE_SIMILARITY
-    if refine_similarity not in SIMILARITIES:
-        raise InputError(f"unknown refinement similarity {refine_similarity!r}; choose one of {sorted(SIMILARITIES)}")
+    if refine_similarity not in (*SIMILARITIES, "auto"):
+        choices = sorted([*SIMILARITIES, "auto"])
+        raise InputError(f"unknown refinement similarity {refine_similarity!r}; choose one of {choices}")
 
     stages.begin("affine", 0.05, "affine initialisation")
     fixed_fg = imaging.foreground_mask(fixed) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
-    moving_fg = imaging.foreground_mask(moving)
+    moving_fg = coverage.moving_foreground(moving, moving_mask)
     transform = sitk.AffineTransform(3)
     if affine:
         transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg)
@@ -119,6 +125,10 @@ def register(
     fixed_grid = imaging.resample(fixed_norm, reference)
     moving_grid = imaging.resample(moving_norm, reference, transform=transform)
     mask_grid = imaging.resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference) if mask is not None else None
+    support = coverage.moving_support(moving, moving_fg, moving_mask, fixed_fg, reference, transform)
+    similarity, similarity_note = coverage.resolve_similarity(
+        refine_similarity, moving_grid, fixed_grid, support, SAME_CONTRAST_SIMILARITY
+    )
 
     stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
     pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
@@ -136,21 +146,24 @@ def register(
         torch_device = velocity.device
         pair = tuple(t.to(torch_device) for t in pair)
     mask_t = None if mask_grid is None else similarity_region(_tensor(mask_grid, torch_device), reference)
+    valid_t = torch.from_numpy(support.valid).to(torch_device)[None, None] if support.needed else None
     steps = loaded.config.integration_steps
     velocity, origin = better_start(
-        velocity, *pair, alpha, similarity=refine_similarity, mask=mask_t, integration_steps=steps
+        velocity, *pair, alpha, similarity=similarity, mask=mask_t, integration_steps=steps, moving_mask=valid_t
     )
     refine_info = {
         "start": origin,
         "preset": None if refine is not None else (preset or DEFAULT_PRESET),
         "refine_steps": schedule.steps,
         "refine_levels_mm": schedule.spacings,
-        "refine_similarity": refine_similarity,
+        "refine_similarity": similarity_note,
+        "moving_coverage_percent": support.coverage_percent,
+        "warnings": list(support.warnings),
     }
     if schedule.steps:
         stages.begin("refine", 0.4, f"refining ({schedule.steps} steps)")
         levels = _pyramid(schedule, pair, reference, (moving_norm, fixed_norm), transform, torch_device)
-        velocity, taken = _refine(velocity, levels, mask_t, alpha, schedule, refine_similarity, steps, stages)
+        velocity, taken = _refine(velocity, levels, (mask_t, valid_t), alpha, schedule, similarity, steps, stages)
         refine_info["refine_steps_taken"] = taken
         reference = _finest(reference, schedule)
 
@@ -175,6 +188,8 @@ def register(
     stages.begin("labels", 0.95, "propagating labels")
     warped_labels = None
     report = {**_field_metrics(jac_array, mask), **refine_info}
+    if moving_mask is not None:
+        report["moving_mask_excluded"] = coverage.excluded_region(moving_mask, displacement, fixed_fg, jac_array)
     if moving_labels is not None:
         warped_labels = sitk.Resample(
             moving_labels,
@@ -310,7 +325,7 @@ def _finest(reference: sitk.Image, schedule: Schedule) -> sitk.Image:
     return imaging.finer_grid(reference, int(round(ratio))) if ratio > 1 + 1e-6 else reference
 
 
-def _refine(velocity, levels, mask, alpha, schedule, similarity, integration_steps, stages):
+def _refine(velocity, levels, masks, alpha, schedule, similarity, integration_steps, stages):
     def on_step(done: int, total: int, loss: float) -> None:
         stages.check_cancel()
         if stages.progress is not None:
@@ -323,9 +338,10 @@ def _refine(velocity, levels, mask, alpha, schedule, similarity, integration_ste
             schedule,
             alpha,
             similarity=similarity,
-            mask=mask,
+            mask=masks[0],
             integration_steps=integration_steps,
             on_step=on_step,
+            moving_mask=masks[1],
         )
 
 

@@ -43,6 +43,7 @@ class RegistrationJob:
     fixed: sitk.Image
     moving_labels: sitk.Image | None = None
     mask: sitk.Image | None = None
+    moving_mask: sitk.Image | None = None  # 0 where the moving volume is left out of the similarity
     segments: list[SegmentInfo] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     moving_name: str = "moving"

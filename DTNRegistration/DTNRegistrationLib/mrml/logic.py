@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
-from ..options import PRESET_NAMES
+from ..options import PRESET_NAMES, SIMILARITY_NAMES
 from .geometry import volume_to_image
 from .job import OutputNodes, RegistrationJob
 from .nodes import build_result_nodes
@@ -62,12 +62,18 @@ class RegistrationLogic:
         model: str | None = None,
         refine: int | None = None,
         preset: str | None = None,
+        refine_similarity: str | None = None,
         affine: bool = True,
         mask_node=None,
+        moving_exclusion_node=None,
         moving_segmentation_node=None,
         outputs: OutputNodes | None = None,
     ) -> RegistrationJob:
-        """Validate the selection and read the inputs into SimpleITK images (copies)."""
+        """Validate the selection and read the inputs into SimpleITK images (copies).
+
+        ``moving_exclusion_node``: a label map or segmentation of what the fixed volume lacks (a lesion, a resection
+        cavity); the engine gets its complement as the moving mask, so that region does not drive the deformation.
+        """
         if moving_node is None:
             raise ValueError("Select a moving volume.")
         if fixed_node is None:
@@ -89,9 +95,12 @@ class RegistrationLogic:
             raise ValueError(f"refinement steps must be >= 0, got {refine}")
         if preset is not None and preset not in PRESET_NAMES:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+        if refine_similarity is not None and refine_similarity not in SIMILARITY_NAMES:
+            choices = ", ".join(SIMILARITY_NAMES)
+            raise ValueError(f"unknown refinement similarity {refine_similarity!r}; choose one of {choices}")
         if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
             raise ValueError(f"unknown device {device!r}; use auto, cuda or cpu")
-        _check_outputs(outputs, [moving_node, fixed_node, mask_node, moving_segmentation_node])
+        _check_outputs(outputs, [moving_node, fixed_node, mask_node, moving_exclusion_node, moving_segmentation_node])
 
         job = RegistrationJob(
             moving=moving,
@@ -102,6 +111,7 @@ class RegistrationLogic:
                 "model": model or None,
                 "refine": refine,
                 "preset": preset,
+                "refine_similarity": refine_similarity,
                 "affine": bool(affine),
             },
             moving_name=moving_node.GetName(),
@@ -111,6 +121,10 @@ class RegistrationLogic:
         if mask_node is not None:
             job.mask = mask_to_image(mask_node, fixed_node, fixed, self.context)
             job.node_ids["mask"] = mask_node.GetID()
+        if moving_exclusion_node is not None:
+            excluded = mask_to_image(moving_exclusion_node, moving_node, moving, self.context, "moving volume")
+            job.moving_mask = sitk.Cast(excluded == 0, sitk.sitkUInt8)
+            job.node_ids["moving_exclusion"] = moving_exclusion_node.GetID()
         if moving_segmentation_node is not None:
             if not moving_segmentation_node.IsA("vtkMRMLSegmentationNode"):
                 raise ValueError(f"'{moving_segmentation_node.GetName()}' is not a segmentation")
@@ -137,6 +151,7 @@ class RegistrationLogic:
             job.fixed,
             moving_labels=job.moving_labels,
             mask=job.mask,
+            moving_mask=job.moving_mask,
             progress=progress,
             cancel=cancel,
             **job.options,
@@ -230,10 +245,11 @@ def _check_outputs(outputs: OutputNodes | None, inputs: list) -> None:
 
 
 def status_line(result) -> str:
-    """One line for the user: folding count and percentage, device, time."""
+    """One line for the user: folding count and percentage, device, time; then the engine's warnings, if any."""
     metrics = result.metrics
-    return (
+    line = (
         f"Folding voxels (det J <= 0): {int(metrics.get('folding_count', 0))} "
         f"({float(metrics.get('folding_percent', 0.0)):.3f} %), device: {result.device}, "
         f"time: {float(result.timings.get('total', 0.0)):.1f} s"
     )
+    return "".join([line] + [f"\nWarning: {warning}" for warning in metrics.get("warnings") or []])

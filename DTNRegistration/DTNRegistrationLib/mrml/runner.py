@@ -167,6 +167,8 @@ class RegistrationRunner:
             command += ["--moving-labels", write(job.moving_labels, "moving_labels")]
         if job.mask is not None:
             command += ["--mask", write(job.mask, "mask")]
+        if job.moving_mask is not None:
+            command += ["--moving-mask", write(job.moving_mask, "moving_mask")]
         command += ["--output-dir", str(self.folder / "output"), "--format", RESULT_FORMAT]
         command += ["--progress-format", "jsonl"]
         options = job.options
@@ -180,6 +182,8 @@ class RegistrationRunner:
             command += ["--refine", str(int(options["refine"]))]
         elif options.get("preset"):
             command += ["--preset", str(options["preset"])]
+        if options.get("refine_similarity"):
+            command += ["--refine-similarity", str(options["refine_similarity"])]
         if options.get("affine") is False:
             command.append("--no-affine")
         return command + self.extra_args

@@ -95,8 +95,11 @@ def segmentation_to_labels(segmentation_node, reference_node, reference_image: s
     return out, segments
 
 
-def mask_to_image(mask_node, fixed_node, fixed_image: sitk.Image, context: SceneContext) -> sitk.Image:
-    """A mask (label map, scalar volume or segmentation) as a uint8 0/1 image on the fixed grid."""
+def mask_to_image(
+    mask_node, fixed_node, fixed_image: sitk.Image, context: SceneContext, what: str = "fixed volume"
+) -> sitk.Image:
+    """A mask (label map, scalar volume or segmentation) as a uint8 0/1 image on the grid of ``fixed_image`` (the
+    ``what`` the messages name)."""
     if mask_node.IsA("vtkMRMLSegmentationNode"):
         labels, _ = segmentation_to_labels(mask_node, fixed_node, fixed_image, context)
         mask = labels > 0
@@ -110,7 +113,7 @@ def mask_to_image(mask_node, fixed_node, fixed_image: sitk.Image, context: Scene
     mask = sitk.Cast(mask, sitk.sitkUInt8)
     mask.CopyInformation(fixed_image)
     if not sitk.GetArrayViewFromImage(mask).any():
-        raise ValueError(f"mask '{mask_node.GetName()}' does not cover any voxel of the fixed volume")
+        raise ValueError(f"mask '{mask_node.GetName()}' does not cover any voxel of the {what}")
     return mask
 
 
