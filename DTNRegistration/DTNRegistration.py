@@ -42,7 +42,7 @@ MODELS_DIR = MODULE_DIR / "Resources" / "Models"
 DEVICES = ["auto", "cuda", "cpu"]
 PRESETS = ["fast", "accurate"]  # as DTNRegistrationLib.refinement.PRESETS (a test checks)
 SIMILARITIES = ["auto", "ncc", "ngf", "mind", "l1", "mse"]  # as DTNRegistrationLib.options (a test checks)
-DEFAULT_ALPHA = 0.1  # as DTNRegistrationLib.model_info (a test checks): needed here before the engine is imported
+DEFAULT_ALPHA = 0.1  # as DTNRegistrationLib.panel.model_info (a test checks): needed here before the engine is imported
 ALPHA_RANGE = (0.01, 1.0)
 TITLE = "DTN Registration"
 PAPER = (
@@ -126,7 +126,7 @@ def registerSampleData():
     """Add the bundled sample pair (local files, no download) to the Sample Data module (Slicer 5.6 and later)."""
     import SampleData
 
-    from DTNRegistrationLib import sample_data
+    from DTNRegistrationLib.panel import sample_data
 
     resources = MODULE_DIR / "Resources"
     sample_data.register_samples(
@@ -239,7 +239,7 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.placeMovingButton.connect("clicked()", self.onPlaceMoving)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateResultButtons)
 
-        from DTNRegistrationLib import model_info
+        from DTNRegistrationLib.panel import model_info
 
         # The line edit owns the completer: without a Qt parent PythonQt deletes it with its Python wrapper.
         completer = qt.QCompleter(model_info.shipped_names(MODELS_DIR), self.ui.modelLineEdit)
@@ -282,7 +282,7 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        from DTNRegistrationLib import model_info, sample_data
+        from DTNRegistrationLib.panel import model_info, sample_data
 
         self.setParameterNode(self.logic.getParameterNode())
         node = self._parameterNode
@@ -356,14 +356,14 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.setStyleSheet("color: #c62828;" if error else "")
 
     def startDeviceQuery(self) -> None:
-        from DTNRegistrationLib import environment
+        from DTNRegistrationLib.panel import environment
 
         self._gpuQuery = environment.GpuQuery()
         self._deviceTimer.start()
         self.onPollDevices()
 
     def onPollDevices(self) -> None:
-        from DTNRegistrationLib import environment
+        from DTNRegistrationLib.panel import environment
 
         gpus = self._gpuQuery.poll() if self._gpuQuery is not None else None
         if gpus is None:
@@ -387,7 +387,7 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.setItemText(2, _("CPU"))
 
     def updateModelInfo(self) -> None:
-        from DTNRegistrationLib import model_info
+        from DTNRegistrationLib.panel import model_info
 
         node = self._parameterNode
         if not node:
@@ -414,7 +414,7 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- actions -------------------------------------------------------------------------------------------------
 
     def onAlphaDefault(self) -> None:
-        from DTNRegistrationLib import model_info
+        from DTNRegistrationLib.panel import model_info
 
         self._parameterNode.alpha = model_info.describe(MODELS_DIR, self._parameterNode.model).clamped_alpha()
 

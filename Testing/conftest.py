@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DTNRegistrationLib.network import DTNConfig
+from DTNRegistrationLib.core.network import DTNConfig
 
 torch.set_num_threads(2)
 

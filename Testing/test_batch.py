@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 from test_cli import write_pair_files
 
-from DTNRegistrationLib import batch, cli
+from DTNRegistrationLib.cli import batch
+from DTNRegistrationLib.cli import commands as cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,8 +11,9 @@ import SimpleITK as sitk
 import torch
 from conftest import image_from_labels, phantom_labels, tiny_config
 
-from DTNRegistrationLib import cli, models
-from DTNRegistrationLib.network import build_model
+from DTNRegistrationLib.cli import commands as cli
+from DTNRegistrationLib.core import models
+from DTNRegistrationLib.core.network import build_model
 
 SHAPE = (32, 40, 36)
 OUTPUTS = ["warped", "displacement", "jacobian", "folding", "warped_labels"]  # the default: no inverse
@@ -311,7 +312,7 @@ def test_jsonl_progress_one_line_per_stage_and_step(files, tmp_path, capsys):
     assert "refining" not in captured.err  # no progress bar on stderr in this mode
 
     # The files read back into a result equal to what was written, affine included.
-    from DTNRegistrationLib import result as result_files
+    from DTNRegistrationLib.core import result as result_files
 
     back = result_files.read_result(out, ".nrrd")
     report = json.loads((out / "report.json").read_text())
@@ -336,7 +337,8 @@ def test_jsonl_error_is_one_json_line_with_its_exit_code(files, tmp_path, capsys
 
 
 def test_read_result_names_a_missing_file(tmp_path):
-    from DTNRegistrationLib import errors, result
+    from DTNRegistrationLib import errors
+    from DTNRegistrationLib.core import result
 
     with pytest.raises(errors.RegistrationFailed, match="no readable report"):
         result.read_result(tmp_path)
@@ -346,8 +348,9 @@ def test_read_result_names_a_missing_file(tmp_path):
 
 
 def test_errors_are_one_class_each_wherever_imported():
-    from DTNRegistrationLib import data, errors, imaging, models, registration
+    from DTNRegistrationLib import errors
+    from DTNRegistrationLib.core import imaging, models, registration
 
     assert imaging.InputError is errors.InputError and models.ModelError is errors.ModelError
-    assert data.DataError is errors.DataError and registration.Cancelled is errors.Cancelled
+    assert errors.DataError is errors.DataError and registration.Cancelled is errors.Cancelled
     assert issubclass(errors.DataError, errors.InputError)

@@ -12,9 +12,9 @@ import SimpleITK as sitk
 import torch
 from conftest import image_from_labels, phantom_labels, smooth_displacement, tiny_config
 
-from DTNRegistrationLib import coverage, imaging, metrics, models, registration, spatial
+from DTNRegistrationLib.core import coverage, imaging, metrics, models, registration, spatial
+from DTNRegistrationLib.core.network import build_model
 from DTNRegistrationLib.errors import InputError
-from DTNRegistrationLib.network import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,8 +10,12 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 import torch
 
-from DTNRegistrationLib import data, synth
-from DTNRegistrationLib.data import DataError, DatasetSpec
+from DTNRegistrationLib import datasets
+from DTNRegistrationLib.errors import DataError
+from DTNRegistrationLib.train import pairs as pair_sources
+from DTNRegistrationLib.train import synth
+from DTNRegistrationLib.train import volumes as data
+from DTNRegistrationLib.train.volumes import DatasetSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,7 +82,7 @@ def test_empty_folder_is_refused(tmp_path):
 
 def test_missing_folder_is_refused(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        data.subjects_from_folder(tmp_path / "nope")
+        datasets.subjects_from_folder(tmp_path / "nope")
 
 
 def test_unreadable_image_is_refused(tmp_path):
@@ -103,7 +107,7 @@ def test_json_missing_files_are_listed(tmp_path):
     doc["training"].append({"image": "./imagesTr/ghost.nii.gz", "label": "./labelsTr/ghost.nii.gz"})
     path.write_text(json.dumps(doc))
     with pytest.raises(DataError, match=r"2 listed file\(s\) not found(.|\n)*ghost\.nii\.gz"):
-        data.read_dataset_json(path)
+        datasets.read_dataset_json(path)
 
 
 @pytest.mark.parametrize(
@@ -114,12 +118,12 @@ def test_bad_json_is_refused(tmp_path, text, message):
     path = tmp_path / "d.json"
     path.write_text(text)
     with pytest.raises(DataError, match=message):
-        data.read_dataset_json(path)
+        datasets.read_dataset_json(path)
 
 
 def test_no_data_at_all_is_refused():
     with pytest.raises(ValueError, match="no training data"):
-        data.MixedSource(None, None, 0.5)
+        pair_sources.MixedSource(None, None, 0.5)
 
 
 def test_atlas_without_images_is_refused(tmp_path):
@@ -177,7 +181,10 @@ def test_json_validation_list_without_pairs(tmp_path):
 
 
 def test_labels_are_remapped_to_contiguous_ids():
-    vols = [data.Volume("a", np.zeros(2), np.array([0, 4, 1000])), data.Volume("b", np.zeros(2), np.array([4, 4]))]
+    vols = [
+        pair_sources.Volume("a", np.zeros(2), np.array([0, 4, 1000])),
+        pair_sources.Volume("b", np.zeros(2), np.array([4, 4])),
+    ]
     assert data.remap_labels(vols) == [0, 4, 1000]
     assert vols[0].labels.tolist() == [0, 1, 2] and vols[1].labels.tolist() == [1, 1]
 
@@ -187,7 +194,7 @@ def test_labels_are_remapped_to_contiguous_ids():
 
 def test_real_pairs_are_deterministic_and_augmented(tmp_path):
     real = data.load_real_data(spec(dataset_json=str(make_json(tmp_path))))
-    source = data.RealPairSource(real)
+    source = pair_sources.RealPairSource(real)
     a = source.sample(synth.make_generator(0), batch=2)
     b = source.sample(synth.make_generator(0), batch=2)
     assert a.moving.shape == (2, 1, *SHAPE) and torch.equal(a.moving, b.moving)
@@ -204,7 +211,7 @@ def test_atlas_mode_keeps_the_atlas_in_place(tmp_path):
     real = data.load_real_data(
         spec(images_dir=str(folder), atlas=str(atlas), atlas_labels=str(tmp_path / "atlas_labels.nii.gz"))
     )
-    source = data.RealPairSource(real, augment=False)
+    source = pair_sources.RealPairSource(real, augment=False)
     pair = source.sample(synth.make_generator(0))
     assert torch.equal(pair.fixed[0, 0], torch.from_numpy(np.asarray(real.atlas.image)))
 
@@ -214,7 +221,9 @@ def test_mixed_source_draws_both_kinds(tmp_path):
     folder = tmp_path / "imgs"
     write_head(folder / "a.nii.gz", 0)
     real = data.load_real_data(spec(images_dir=str(folder)))
-    mixed = data.MixedSource(data.RealPairSource(real, augment=False), data.SynthPairSource(SHAPE), 0.5)
+    mixed = pair_sources.MixedSource(
+        pair_sources.RealPairSource(real, augment=False), pair_sources.SynthPairSource(SHAPE), 0.5
+    )
     gen = synth.make_generator(0)
     kinds = set()
     for _ in range(8):
@@ -224,6 +233,6 @@ def test_mixed_source_draws_both_kinds(tmp_path):
 
 
 def test_validation_pairs_include_synthetic_ones():
-    pairs = data.validation_pairs(None, SHAPE, 2, seed=1)
+    pairs = pair_sources.validation_pairs(None, SHAPE, 2, seed=1)
     assert [name for name, _ in pairs] == ["synthetic-0", "synthetic-1"]
     assert pairs[0][1].fixed_labels is not None

@@ -14,25 +14,21 @@ import SimpleITK as sitk
 import torch
 from conftest import image_from_labels, phantom_labels, tiny_config
 
-from DTNRegistrationLib import cli, models
-from DTNRegistrationLib.baselines import Identity, parse_method, parse_methods
-from DTNRegistrationLib.evaluation import evaluate
-from DTNRegistrationLib.evaluation_inputs import (
+from DTNRegistrationLib.cli import commands as cli
+from DTNRegistrationLib.core import models
+from DTNRegistrationLib.core.network import build_model
+from DTNRegistrationLib.errors import InputError
+from DTNRegistrationLib.evaluate.baselines import Identity, parse_method, parse_methods
+from DTNRegistrationLib.evaluate.inputs import (
     PairSpec,
     check_pairs,
     pairs_from_atlas,
     pairs_from_csv,
     pairs_from_dataset_json,
 )
-from DTNRegistrationLib.evaluation_report import (
-    load_label_table,
-    merged_dice,
-    merged_name,
-    paired_ttest,
-)
-from DTNRegistrationLib.evaluation_scores import hd95, surface
-from DTNRegistrationLib.imaging import InputError
-from DTNRegistrationLib.network import build_model
+from DTNRegistrationLib.evaluate.report import load_label_table, merged_dice, merged_name, paired_ttest
+from DTNRegistrationLib.evaluate.run import evaluate
+from DTNRegistrationLib.evaluate.scores import hd95, surface
 
 SHAPE = (24, 28, 26)
 

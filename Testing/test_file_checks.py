@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DTNRegistrationLib.file_checks import data_problem
-from DTNRegistrationLib.imaging import InputError, read_image, read_labels
+from DTNRegistrationLib.core.file_checks import data_problem
+from DTNRegistrationLib.core.imaging import read_image, read_labels
+from DTNRegistrationLib.errors import InputError
 
 SHAPE = (12, 14, 16)  # z, y, x
 NBYTES = int(np.prod(SHAPE)) * 2  # int16

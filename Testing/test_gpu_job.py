@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from DTNRegistrationLib import models, pairs, synth
+from DTNRegistrationLib.core import models
+from DTNRegistrationLib.train import pairs, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (32, 32, 32)

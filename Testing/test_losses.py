@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DTNRegistrationLib import losses
+from DTNRegistrationLib.core import losses
 
 
 def test_l1_and_mse_by_hand_and_with_a_mask():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from DTNRegistrationLib import metrics
+from DTNRegistrationLib.core import metrics
 
 
 def test_dice_by_hand():

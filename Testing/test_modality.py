@@ -9,8 +9,8 @@ import SimpleITK as sitk
 import torch
 from conftest import phantom_labels, smooth_displacement, tiny_config
 
-from DTNRegistrationLib import losses, metrics, modality, models, registration, spatial
-from DTNRegistrationLib.network import build_model
+from DTNRegistrationLib.core import losses, metrics, modality, models, registration, spatial
+from DTNRegistrationLib.core.network import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -29,8 +29,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import slicer_app_standins as standins
 import slicer_scene as ss
 
-from DTNRegistrationLib import environment, errors, models, sample_data
+from DTNRegistrationLib import errors
+from DTNRegistrationLib.core import models
 from DTNRegistrationLib.mrml import dependencies
+from DTNRegistrationLib.panel import environment, sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PANEL = [

@@ -325,7 +325,7 @@ def test_extension_descriptions_agree():
 
 def test_panel_defaults_match_the_engine(source):
     """The panel's refinement default is the command line's preset, so both faces give the same result by default."""
-    from DTNRegistrationLib import registration
+    from DTNRegistrationLib import options
 
     for node in source.body:
         if isinstance(node, ast.ClassDef) and any(
@@ -336,15 +336,15 @@ def test_panel_defaults_match_the_engine(source):
                 for item in node.body
                 if isinstance(item, ast.AnnAssign) and item.value is not None and isinstance(item.value, ast.Constant)
             }
-            assert defaults["preset"] == registration.DEFAULT_PRESET and defaults["customRefinement"] is False
-            assert defaults["refineSimilarity"] == registration.DEFAULT_REFINE_SIMILARITY == "auto"
+            assert defaults["preset"] == options.DEFAULT_PRESET and defaults["customRefinement"] is False
+            assert defaults["refineSimilarity"] == options.DEFAULT_SIMILARITY == "auto"
             return
     raise AssertionError("no @parameterNodeWrapper class in the module")
 
 
 def test_panel_constants_match_the_engine(source):
     """The alpha default and range the parameter node needs before the engine is imported equal the engine's."""
-    from DTNRegistrationLib import model_info
+    from DTNRegistrationLib.panel import model_info
 
     constants = {
         node.targets[0].id: ast.literal_eval(node.value)
@@ -420,7 +420,8 @@ def _module_constant(name: str):
 
 
 def test_panel_presets_and_similarities_are_the_engines():
-    from DTNRegistrationLib import losses, options, refinement
+    from DTNRegistrationLib import options
+    from DTNRegistrationLib.core import losses, refinement
 
     assert tuple(_module_constant("PRESETS")) == options.PRESET_NAMES == tuple(refinement.PRESETS)
     similarities = tuple(_module_constant("SIMILARITIES"))

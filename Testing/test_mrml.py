@@ -24,7 +24,8 @@ import SimpleITK as sitk  # noqa: N813
 import slicer_scene as ss
 import vtk
 
-from DTNRegistrationLib import metrics, mrml, registration
+from DTNRegistrationLib import mrml
+from DTNRegistrationLib.core import metrics, registration
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures

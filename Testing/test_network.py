@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import image_from_labels, phantom_labels, smooth_displacement, tiny_config
 
-from DTNRegistrationLib import losses, metrics, models, spatial
-from DTNRegistrationLib.network import VARIANTS, DTNConfig, LearnedPositions, build_model, count_parameters
+from DTNRegistrationLib.core import losses, metrics, models, spatial
+from DTNRegistrationLib.core.network import VARIANTS, DTNConfig, LearnedPositions, build_model, count_parameters
 
 
 @pytest.mark.parametrize("shape", [(144, 160, 192), (160, 192, 224), (32, 48, 64)])

@@ -1,7 +1,7 @@
 import torch
 from conftest import image_from_labels, phantom_labels, smooth_displacement
 
-from DTNRegistrationLib import refinement, spatial
+from DTNRegistrationLib.core import refinement, spatial
 
 SHAPE = (32, 32, 32)
 

@@ -8,9 +8,9 @@ import SimpleITK as sitk
 import torch
 from conftest import image_from_labels, phantom_labels, smooth_displacement, tiny_config
 
-from DTNRegistrationLib import imaging, models, registration, spatial
-from DTNRegistrationLib.imaging import InputError
-from DTNRegistrationLib.network import build_model
+from DTNRegistrationLib.core import imaging, models, registration, spatial
+from DTNRegistrationLib.core.network import build_model
+from DTNRegistrationLib.errors import InputError
 
 SHAPE = (40, 48, 44)  # array order (z, y, x), 2 mm voxels
 
@@ -66,7 +66,7 @@ def refined(known_pair, tiny_model):
 
 
 def _dice_before(pair) -> float:
-    from DTNRegistrationLib import metrics
+    from DTNRegistrationLib.core import metrics
 
     return metrics.mean_dice(
         sitk.GetArrayFromImage(pair["moving_labels"]), sitk.GetArrayFromImage(pair["fixed_labels"])
@@ -326,7 +326,7 @@ def test_the_accurate_preset_builds_its_field_on_its_finest_level(known_pair_1mm
 
 
 def test_levels_finer_than_the_fixed_image_are_left_out():
-    from DTNRegistrationLib import refinement
+    from DTNRegistrationLib.core import refinement
 
     accurate = refinement.PRESETS["accurate"]
     assert accurate.for_image_spacing(1.0).spacings == [4.0, 2.0, 1.0]

@@ -35,7 +35,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import SimpleITK as sitk  # noqa: N813
 import slicer_scene as ss
 
-from DTNRegistrationLib import errors, mrml, refinement
+from DTNRegistrationLib import errors, mrml
+from DTNRegistrationLib.core import refinement
 
 if not hasattr(ctypes, "PyDLL") or sys.platform == "win32":  # pragma: no cover
     pytest.skip("the GIL-holding emulation needs usleep from the C library", allow_module_level=True)
@@ -389,7 +390,8 @@ def test_the_engine_modules_the_gui_imports_do_not_import_torch():
     import subprocess
 
     code = (
-        "import sys; from DTNRegistrationLib import errors, result, environment; "
+        "import sys; from DTNRegistrationLib import errors; from DTNRegistrationLib.core import result; "
+        "from DTNRegistrationLib.panel import environment; "
         "from DTNRegistrationLib.mrml import runner; print('torch' in sys.modules)"
     )
     out = subprocess.run(

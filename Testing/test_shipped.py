@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from DTNRegistrationLib import cli, models
+from DTNRegistrationLib.cli import commands as cli
+from DTNRegistrationLib.core import models
 
 
 def test_default_model_is_registered_loads_and_matches_its_checksum():

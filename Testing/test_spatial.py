@@ -4,7 +4,7 @@ import SimpleITK as sitk
 import torch
 from conftest import blob_volume, smooth_displacement
 
-from DTNRegistrationLib import spatial
+from DTNRegistrationLib.core import spatial
 
 
 def test_zero_field_warp_is_exact():

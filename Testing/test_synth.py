@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from DTNRegistrationLib import metrics, synth
+from DTNRegistrationLib.core import metrics
+from DTNRegistrationLib.train import synth
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

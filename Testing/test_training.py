@@ -12,9 +12,13 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 import torch.multiprocessing as mp
 
-from DTNRegistrationLib import checkpoints, data, models, run_log, train_cli, training
-from DTNRegistrationLib.models import ModelError
-from DTNRegistrationLib.training import TrainConfig
+from DTNRegistrationLib.core import models
+from DTNRegistrationLib.errors import ModelError
+from DTNRegistrationLib.train import checkpoints, run_log
+from DTNRegistrationLib.train import cli as train_cli
+from DTNRegistrationLib.train import pairs as pair_sources
+from DTNRegistrationLib.train import trainer as training
+from DTNRegistrationLib.train.trainer import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,7 +85,7 @@ def _similarity(trainer: training.Trainer, pair) -> float:
 def test_a_few_steps_lower_the_loss(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", max_steps=15, lr=1e-3, checkpoint_every=0, dice_weight=0.5)
     trainer = training.Trainer(cfg)
-    pair = data.validation_pairs(None, SHAPE, 1, seed=321)[0][1]
+    pair = pair_sources.validation_pairs(None, SHAPE, 1, seed=321)[0][1]
     trainer.sources = FixedPair(pair)
     before = _similarity(trainer, pair)
     trainer.run()

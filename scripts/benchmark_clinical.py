@@ -25,8 +25,8 @@ from benchmark_cross_contrast import remap_intensity  # noqa: E402
 from benchmark_registration import _one_mm, _squeeze, known_deformation, timed_process  # noqa: E402
 from make_samples import tissue_from_probabilities  # noqa: E402
 
-from DTNRegistrationLib import coverage, imaging, metrics  # noqa: E402
-from DTNRegistrationLib.benchmark import machine  # noqa: E402
+from DTNRegistrationLib.core import coverage, imaging, metrics  # noqa: E402
+from DTNRegistrationLib.evaluate.benchmark import machine  # noqa: E402
 
 
 def resample(image: sitk.Image, spacing, interpolator=sitk.sitkLinear, profile: bool = False) -> sitk.Image:

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_registration import known_deformation  # noqa: E402
 from make_samples import tissue_from_probabilities, to_2mm  # noqa: E402
 
-from DTNRegistrationLib import imaging, metrics, registration  # noqa: E402
-from DTNRegistrationLib.baselines import PairImages, parse_method  # noqa: E402
-from DTNRegistrationLib.benchmark import machine  # noqa: E402
+from DTNRegistrationLib.core import imaging, metrics, registration  # noqa: E402
+from DTNRegistrationLib.evaluate.baselines import PairImages, parse_method  # noqa: E402
+from DTNRegistrationLib.evaluate.benchmark import machine  # noqa: E402
 
 # Relative intensities of CSF, grey and white matter in each contrast (T1 of the ICBM template: dark, mid, bright).
 CONTRASTS = {"T2": (1.0, 0.45, 0.25), "FLAIR": (0.08, 0.65, 0.45), "PD": (0.85, 0.75, 0.55)}

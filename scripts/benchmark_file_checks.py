@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from DTNRegistrationLib import imaging
-from DTNRegistrationLib.benchmark import machine
-from DTNRegistrationLib.cli import SAMPLE
-from DTNRegistrationLib.file_checks import data_problem
+from DTNRegistrationLib.cli.commands import SAMPLE
+from DTNRegistrationLib.core import imaging
+from DTNRegistrationLib.core.file_checks import data_problem
+from DTNRegistrationLib.evaluate.benchmark import machine
 
 FORMATS = ((".nii", False), (".nii.gz", True), (".nrrd", True), (".mha", True), (".nrrd", False), (".mha", False))
 

@@ -30,8 +30,9 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_samples import tissue_from_probabilities  # noqa: E402
 
-from DTNRegistrationLib import metrics, spatial, synth  # noqa: E402
-from DTNRegistrationLib.benchmark import machine  # noqa: E402
+from DTNRegistrationLib.core import metrics, spatial  # noqa: E402
+from DTNRegistrationLib.evaluate.benchmark import machine  # noqa: E402
+from DTNRegistrationLib.train import synth  # noqa: E402
 
 DTN_METHODS = {  # name: extra `dtnreg register` options
     "fast": [],
@@ -175,7 +176,7 @@ def label_dice(warped_labels: Path, pair: dict) -> float:
 
 def run_peer(name: str, pair: dict, out: Path) -> None:
     """``--peer`` mode: one classical registration, writing its warped image and labels (timed by the caller)."""
-    from DTNRegistrationLib.baselines import PairImages, parse_method
+    from DTNRegistrationLib.evaluate.baselines import PairImages, parse_method
 
     images = PairImages(
         pair["name"],

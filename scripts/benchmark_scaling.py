@@ -21,7 +21,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_registration import _squeeze, timed_process  # noqa: E402
 
-from DTNRegistrationLib.benchmark import machine  # noqa: E402
+from DTNRegistrationLib.evaluate.benchmark import machine  # noqa: E402
 
 STAGES = ("affine", "preprocess", "network", "refine", "outputs", "labels")
 

@@ -37,10 +37,11 @@ sys.path.insert(0, str(ROOT / "DTNRegistration"))
 
 import torch  # noqa: E402
 
-from DTNRegistrationLib import metrics, models, pairs, spatial, synth  # noqa: E402
-from DTNRegistrationLib.checkpoints import BEST_WEIGHTS, FINAL_WEIGHTS  # noqa: E402
-from DTNRegistrationLib.run_log import LOG_FILE  # noqa: E402
-from DTNRegistrationLib.training import TrainConfig, Trainer  # noqa: E402
+from DTNRegistrationLib.core import metrics, models, spatial  # noqa: E402
+from DTNRegistrationLib.train import pairs, synth  # noqa: E402
+from DTNRegistrationLib.train.checkpoints import BEST_WEIGHTS, FINAL_WEIGHTS  # noqa: E402
+from DTNRegistrationLib.train.run_log import LOG_FILE  # noqa: E402
+from DTNRegistrationLib.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 log = logging.getLogger("gpu_job")
 HELD_OUT_SEED = 9001  # training samples from its own seed and validates on 12345; these pairs are never seen
@@ -233,7 +234,7 @@ def time_register(weights: Path, device: str, out: Path) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "DTNRegistration"), env.get("PYTHONPATH", "")])
     rows = []
     start = time.perf_counter()
-    probe = "import torch, SimpleITK, DTNRegistrationLib.cli, DTNRegistrationLib.registration;"
+    probe = "import torch, SimpleITK, DTNRegistrationLib.cli.commands, DTNRegistrationLib.core.registration;"
     probe += f"torch.zeros(1, device='{device}')"
     subprocess.run([sys.executable, "-c", probe], check=True, env=env)
     startup = time.perf_counter() - start

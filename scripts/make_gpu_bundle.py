@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark_registration import prepare_pairs  # noqa: E402
 
-from DTNRegistrationLib import data, pairs  # noqa: E402
+from DTNRegistrationLib import datasets  # noqa: E402
+from DTNRegistrationLib.train import pairs  # noqa: E402
+from DTNRegistrationLib.train import volumes as data  # noqa: E402
 
 SPACING_MM = 2.0
 SHAPE = (96, 112, 96)  # array order; covers 192 x 224 x 192 mm around the ICBM brain
@@ -41,9 +43,9 @@ def prepare_real(devdata: Path, target: Path, work: Path, spacing_mm: float, sha
     robex_label = work / "robex_brain10.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(robex["moving_labels"])) * ROBEX_BRAIN_LABEL, str(robex_label))
     subjects = [
-        data.Subject(Path(itk["fixed"]), Path(itk["fixed_labels"])),  # ICBM 2009a, tissue
-        data.Subject(Path(itk["moving"]), Path(itk["moving_labels"])),  # ITK example brain, tissue
-        data.Subject(Path(robex["moving"]), robex_label),  # ROBEX brain, brain mask
+        datasets.Subject(Path(itk["fixed"]), Path(itk["fixed_labels"])),  # ICBM 2009a, tissue
+        datasets.Subject(Path(itk["moving"]), Path(itk["moving_labels"])),  # ITK example brain, tissue
+        datasets.Subject(Path(robex["moving"]), robex_label),  # ROBEX brain, brain mask
     ]
     names = ["icbm2009a_brain", "itk_brain", "robex_brain"]
     preparer = data.Preparer(subjects[0], spacing_mm, shape, "affine", cache_dir=None)

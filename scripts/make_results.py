@@ -30,9 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_samples import tissue_from_probabilities, to_2mm  # noqa: E402
 
-from DTNRegistrationLib import evaluation, evaluation_inputs, files, imaging, models, synth  # noqa: E402
-from DTNRegistrationLib.baselines import parse_methods  # noqa: E402
-from DTNRegistrationLib.evaluation_report import load_label_table  # noqa: E402
+from DTNRegistrationLib import files  # noqa: E402
+from DTNRegistrationLib.core import imaging, models  # noqa: E402
+from DTNRegistrationLib.evaluate import inputs as evaluation_inputs  # noqa: E402
+from DTNRegistrationLib.evaluate import run as evaluation  # noqa: E402
+from DTNRegistrationLib.evaluate.baselines import parse_methods  # noqa: E402
+from DTNRegistrationLib.evaluate.report import load_label_table  # noqa: E402
+from DTNRegistrationLib.train import synth  # noqa: E402
 
 FETCH = ROOT.parent / "shared" / "data" / "fetch.sh"
 DOCS = ROOT / "docs"

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from DTNRegistrationLib import models
+from DTNRegistrationLib.core import models
 
 
 def main() -> None:

@@ -6,6 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
+# The module's resources (models, samples, label tables, UI), next to the engine package in the source tree and in
+# Slicer's install tree alike.
+RESOURCES_DIR = Path(__file__).resolve().parent.parent / "Resources"
+
 # Image files the engine reads (what SimpleITK reads for brain MRI); ``.seg.nrrd`` is a Slicer segmentation.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
@@ -35,4 +39,4 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-__all__ = ["IMAGE_SUFFIXES", "SEGMENTATION_SUFFIXES", "atomic_write", "image_stem"]
+__all__ = ["IMAGE_SUFFIXES", "RESOURCES_DIR", "SEGMENTATION_SUFFIXES", "atomic_write", "image_stem"]

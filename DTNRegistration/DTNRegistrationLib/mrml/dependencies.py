@@ -12,8 +12,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .. import environment
 from ..errors import DependencyError
+from ..panel import environment
 
 # Packages Slicer bundles: an installation must never replace them (they are pinned while pip runs).
 BUNDLED_PACKAGES = ("SimpleITK", "numpy", "scipy", "vtk")

@@ -123,7 +123,7 @@ def write_scene_from_files(
     ``moving``, ``fixed`` and ``moving_labels`` are file paths or SimpleITK images (the moving labels on the
     moving image's grid). Nodes are named after the files (or ``names``, default "moving" and "fixed").
     """
-    from .. import imaging
+    from ..core import imaging
 
     def image(source, what: str) -> sitk.Image:
         if isinstance(source, sitk.Image):

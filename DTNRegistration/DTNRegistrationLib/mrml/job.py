@@ -7,6 +7,7 @@ from typing import Any
 
 import SimpleITK as sitk  # noqa: N813
 
+from ..options import RegistrationOptions
 from .segmentations import SegmentInfo
 
 
@@ -45,7 +46,7 @@ class RegistrationJob:
     mask: sitk.Image | None = None
     moving_mask: sitk.Image | None = None  # 0 where the moving volume is left out of the similarity
     segments: list[SegmentInfo] = field(default_factory=list)
-    options: dict = field(default_factory=dict)
+    options: RegistrationOptions = field(default_factory=RegistrationOptions)
     moving_name: str = "moving"
     fixed_name: str = "fixed"
     segmentation_name: str = "segmentation"

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
-from ..options import PRESET_NAMES, SIMILARITY_NAMES
+from ..options import RegistrationOptions
 from .geometry import volume_to_image
 from .job import OutputNodes, RegistrationJob
 from .nodes import build_result_nodes
@@ -85,35 +84,25 @@ class RegistrationLogic:
                 raise ValueError(f"{what} '{node.GetName()}' belongs to another scene")
             if node.IsA("vtkMRMLLabelMapVolumeNode"):
                 raise ValueError(f"{what} '{node.GetName()}' is a label map; select an intensity image")
+        options = RegistrationOptions(
+            alpha=alpha,
+            device=device,
+            model=model,
+            refine=refine,
+            preset=preset,
+            refine_similarity=refine_similarity,
+            affine=affine,
+        )
         moving = volume_to_image(moving_node, "moving volume")
         fixed = volume_to_image(fixed_node, "fixed volume")
         _check_3d(moving, moving_node, "moving volume")
         _check_3d(fixed, fixed_node, "fixed volume")
-        if alpha is not None and not (np.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive number, got {alpha}")
-        if refine is not None and int(refine) < 0:
-            raise ValueError(f"refinement steps must be >= 0, got {refine}")
-        if preset is not None and preset not in PRESET_NAMES:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
-        if refine_similarity is not None and refine_similarity not in SIMILARITY_NAMES:
-            choices = ", ".join(SIMILARITY_NAMES)
-            raise ValueError(f"unknown refinement similarity {refine_similarity!r}; choose one of {choices}")
-        if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
-            raise ValueError(f"unknown device {device!r}; use auto, cuda or cpu")
         _check_outputs(outputs, [moving_node, fixed_node, mask_node, moving_exclusion_node, moving_segmentation_node])
 
         job = RegistrationJob(
             moving=moving,
             fixed=fixed,
-            options={
-                "alpha": alpha,
-                "device": device,
-                "model": model or None,
-                "refine": refine,
-                "preset": preset,
-                "refine_similarity": refine_similarity,
-                "affine": bool(affine),
-            },
+            options=options,
             moving_name=moving_node.GetName(),
             fixed_name=fixed_node.GetName(),
             node_ids={"moving": moving_node.GetID(), "fixed": fixed_node.GetID()},
@@ -144,7 +133,7 @@ class RegistrationLogic:
     ):
         """Run the engine on a prepared job; raises ``registration.Cancelled`` when cancelled."""
         # Imported here: torch is loaded only when a registration runs.
-        from .. import registration
+        from ..core import registration
 
         return registration.register(
             job.moving,
@@ -152,9 +141,10 @@ class RegistrationLogic:
             moving_labels=job.moving_labels,
             mask=job.mask,
             moving_mask=job.moving_mask,
+            model=job.options.model,
             progress=progress,
             cancel=cancel,
-            **job.options,
+            **job.options.register_keywords(),
         )
 
     # -- build (main thread) ---------------------------------------------------------------------------------

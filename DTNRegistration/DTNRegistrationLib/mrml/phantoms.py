@@ -113,7 +113,7 @@ def add_segmentation_from_labels(context, labels: np.ndarray, ijk_to_ras, segmen
 
 def write_tiny_model(path: Path, alpha: float = 0.1) -> Path:
     """A small randomly initialised DTN saved as a weights file (enough to exercise the whole pipeline; torch)."""
-    from .. import models, network
+    from ..core import models, network
 
     cfg = network.DTNConfig(
         enc_channels=(4, 8, 8, 16),

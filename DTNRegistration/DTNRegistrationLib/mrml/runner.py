@@ -33,9 +33,9 @@ from pathlib import Path
 
 import SimpleITK as sitk  # noqa: N813
 
-from ..environment import hidden_console
+from ..core.result import RegistrationResult, read_result
 from ..errors import Cancelled, InputError, ModelError, RegistrationFailed
-from ..result import RegistrationResult, read_result
+from ..panel.environment import hidden_console
 from .job import RegistrationJob
 
 ENGINE_DIR = Path(__file__).resolve().parents[2]  # holds DTNRegistrationLib: the child's working directory
@@ -172,20 +172,10 @@ class RegistrationRunner:
         command += ["--output-dir", str(self.folder / "output"), "--format", RESULT_FORMAT]
         command += ["--progress-format", "jsonl"]
         options = job.options
-        if options.get("alpha") is not None:
-            command += ["--alpha", repr(float(options["alpha"]))]
-        command += ["--device", str(options.get("device") or "auto")]
-        model = options.get("model")
-        if model:
-            command += ["--model", str(Path(model).resolve()) if Path(model).is_file() else str(model)]
-        if options.get("refine") is not None:
-            command += ["--refine", str(int(options["refine"]))]
-        elif options.get("preset"):
-            command += ["--preset", str(options["preset"])]
-        if options.get("refine_similarity"):
-            command += ["--refine-similarity", str(options["refine_similarity"])]
-        if options.get("affine") is False:
-            command.append("--no-affine")
+        command += options.arguments()
+        if options.model:  # the child runs in ENGINE_DIR: a relative weights path is made absolute
+            model = Path(options.model)
+            command += ["--model", str(model.resolve()) if model.is_file() else options.model]
         return command + self.extra_args
 
     # -- polling -----------------------------------------------------------------------------------------------

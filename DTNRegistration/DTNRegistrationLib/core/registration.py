@@ -1,0 +1,373 @@
+"""The one entry point of both faces: ``register(moving, fixed, ...) -> RegistrationResult``.
+
+Data flow: affine initialisation in physical space -> both images onto the model's grid (LPS-aligned,
+isotropic, sizes multiple of 16) -> DTN velocity (optionally refined) -> exp(v) -> the full fixed-to-moving
+map on the fixed image's grid in mm, affine included -> warped image, labels, Jacobian, folding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from ..errors import Cancelled, InputError
+from ..options import DEFAULT_PRESET, RegistrationOptions, check_device
+from . import coverage, deformation, imaging, metrics, spatial
+from .models import LoadedModel, load_model
+from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level
+from .result import RegistrationResult
+
+# Test-time refinement by default, coarse to fine: the shipped network is only a little better than the affine start
+# alone (see its model card); the presets' schedules were chosen on the development pairs (docs/benchmarks.md).
+# auto (options.DEFAULT_SIMILARITY): local NCC for pairs of one contrast, normalised gradient fields when the
+# contrasts differ (modality.py; docs/results.md).
+SAME_CONTRAST_SIMILARITY = "ncc"
+# Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
+# times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
+WORK_SPACING_MM = 2.0
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an input error."""
+    device = check_device(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for, but no CUDA GPU is available to torch here; use --device cpu")
+    return torch.device(device)
+
+
+class _Stages:
+    """Timing, progress and cancel checks for the stages of one registration."""
+
+    def __init__(self, progress, cancel) -> None:
+        self.progress, self.cancel, self.timings = progress, cancel, {}
+        self._name, self._start = None, time.perf_counter()
+
+    def begin(self, name: str, fraction: float, message: str) -> None:
+        self.end()
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("registration cancelled")
+        if self.progress is not None:
+            self.progress(fraction, message)
+        self._name, self._start = name, time.perf_counter()
+
+    def end(self) -> None:
+        if self._name is not None:
+            self.timings[self._name] = round(time.perf_counter() - self._start, 3)
+            self._name = None
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("registration cancelled")
+
+
+def register(
+    moving: sitk.Image,
+    fixed: sitk.Image,
+    *,
+    moving_labels: sitk.Image | None = None,
+    fixed_labels: sitk.Image | None = None,
+    mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    alpha: float | None = None,
+    device: str = "auto",
+    model: str | LoadedModel | None = None,
+    refine: int | None = None,
+    preset: str | None = None,
+    refine_similarity: str | None = None,
+    affine: bool = True,
+    inverse: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed``; see the module docstring and docs/engine-interfaces.md.
+
+    The options (alpha to affine) are checked by :class:`~DTNRegistrationLib.options.RegistrationOptions`.
+    """
+    start = time.perf_counter()
+    options = RegistrationOptions(
+        alpha=alpha, device=device, preset=preset, refine=refine, refine_similarity=refine_similarity, affine=affine
+    )
+    stages = _Stages(progress, cancel)
+    stages.begin("validate", 0.0, "checking inputs")
+    moving, fixed = _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask)
+    coverage.check_moving_mask(moving_mask, moving)
+    torch_device = resolve_device(options.device)
+    stages.begin("load_model", 0.02, "loading model")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    cfg = loaded.config
+    alpha = float(cfg.alpha if options.alpha is None else options.alpha)
+    schedule = refinement_schedule(options.preset, options.refine).for_image_spacing(min(fixed.GetSpacing()))
+
+    stages.begin("affine", 0.05, "affine initialisation")
+    fixed_fg = imaging.foreground_mask(fixed) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
+    moving_fg = coverage.moving_foreground(moving, moving_mask)
+    transform = sitk.AffineTransform(3)
+    if options.affine:
+        transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg)
+
+    stages.begin("preprocess", 0.2, "resampling onto the model grid")
+    factor = work_grid_factor(loaded.spacing_mm)
+    reference = imaging.model_reference(
+        fixed, loaded.spacing_mm / factor, multiple=imaging.SIZE_MULTIPLE * factor, mask=fixed_fg
+    )
+    fixed_norm = imaging.normalize_intensity(fixed, fixed_fg)
+    moving_norm = imaging.normalize_intensity(moving, moving_fg)
+    fixed_grid = imaging.resample(fixed_norm, reference)
+    moving_grid = imaging.resample(moving_norm, reference, transform=transform)
+    mask_grid = imaging.resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference) if mask is not None else None
+    support = coverage.moving_support(moving, moving_fg, moving_mask, fixed_fg, reference, transform)
+    similarity, similarity_note = coverage.resolve_similarity(
+        options.refine_similarity, moving_grid, fixed_grid, support, SAME_CONTRAST_SIMILARITY
+    )
+
+    stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
+    pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
+    network_pair = pair
+    if factor > 1:  # the network's own (coarser) grid, resampled from the originals as in training
+        coarse = imaging.coarser_grid(reference, factor)
+        network_pair = (
+            _tensor(imaging.resample(moving_norm, coarse, transform=transform), torch_device),
+            _tensor(imaging.resample(fixed_norm, coarse), torch_device),
+        )
+    velocity = _predict(loaded, *network_pair, alpha)
+    if factor > 1:  # onto the work grid's velocity grid, voxel units rescaled
+        velocity = spatial.resize_field(velocity, tuple(n * factor for n in velocity.shape[2:]))
+    if velocity.device.type != torch_device.type:  # the network fell back to the CPU: so does everything after it
+        torch_device = velocity.device
+        pair = tuple(t.to(torch_device) for t in pair)
+    mask_t = None if mask_grid is None else similarity_region(_tensor(mask_grid, torch_device), reference)
+    valid_t = torch.from_numpy(support.valid).to(torch_device)[None, None] if support.needed else None
+    steps = loaded.config.integration_steps
+    velocity, origin = better_start(
+        velocity, *pair, alpha, similarity=similarity, mask=mask_t, integration_steps=steps, moving_mask=valid_t
+    )
+    refine_info = {
+        "start": origin,
+        "preset": None if options.refine is not None else options.preset_name,
+        "refine_steps": schedule.steps,
+        "refine_levels_mm": schedule.spacings,
+        "refine_similarity": similarity_note,
+        "moving_coverage_percent": support.coverage_percent,
+        "warnings": list(support.warnings),
+    }
+    if schedule.steps:
+        stages.begin("refine", 0.4, f"refining ({schedule.steps} steps)")
+        levels = _pyramid(schedule, pair, reference, (moving_norm, fixed_norm), transform, torch_device)
+        velocity, taken = _refine(velocity, levels, (mask_t, valid_t), alpha, schedule, similarity, steps, stages)
+        refine_info["refine_steps_taken"] = taken
+        reference = _finest(reference, schedule)
+
+    stages.begin("outputs", 0.85, "building the deformation on the fixed grid")
+    with torch.inference_mode():
+        shape = tuple(sitk.GetArrayViewFromImage(reference).shape)
+        forward = loaded.model.displacement(velocity, shape)
+        backward = loaded.model.displacement(velocity, shape, inverse=True) if inverse else None
+    forward_field = deformation.field_image(forward, reference, deformation.corners(fixed))
+    displacement = deformation.full_map(forward_field, transform, fixed)
+    inverse_map = None
+    if backward is not None:
+        moving_corners = deformation.corners(moving, transform.GetInverse())  # where the inverse field is evaluated
+        inverse_field = deformation.field_image(backward, reference, moving_corners)
+        inverse_map = deformation.full_map(inverse_field, transform.GetInverse(), moving, inverse=True)
+    warped = sitk.Resample(moving, fixed, imaging.field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    jac_array = metrics.physical_jacobian_determinant(
+        sitk.GetArrayViewFromImage(displacement), fixed.GetSpacing(), fixed.GetDirection()
+    )
+    jacobian = _like(jac_array, fixed)
+    folding = _like((jac_array <= 0).astype(np.uint8), fixed)
+
+    stages.begin("labels", 0.95, "propagating labels")
+    warped_labels = None
+    report = {**_field_metrics(jac_array, mask), **refine_info}
+    if moving_mask is not None:
+        report["moving_mask_excluded"] = coverage.excluded_region(moving_mask, displacement, fixed_fg, jac_array)
+    if moving_labels is not None:
+        warped_labels = sitk.Resample(
+            moving_labels,
+            fixed,
+            imaging.field_transform(displacement),
+            sitk.sitkNearestNeighbor,
+            0,
+            moving_labels.GetPixelID(),
+        )
+        if fixed_labels is not None:
+            report.update(_dice_metrics(warped_labels, fixed_labels, moving_labels))
+    stages.end()
+    stages.timings["total"] = round(time.perf_counter() - start, 3)
+    if progress is not None:
+        progress(1.0, "done")
+    return RegistrationResult(
+        warped=warped,
+        displacement=displacement,
+        inverse_displacement=inverse_map,
+        jacobian=jacobian,
+        folding=folding,
+        warped_labels=warped_labels,
+        metrics=report,
+        timings=stages.timings,
+        device=_device_name(torch_device),
+        model={"name": loaded.name, "sha256": loaded.sha256, "variant": cfg.variant, "spacing_mm": loaded.spacing_mm},
+        alpha=alpha,
+        affine=transform,
+    )
+
+
+def work_grid_factor(network_spacing_mm: float) -> int:
+    """How many work-grid voxels one network voxel spans along each axis (1: the network's grid is the work grid)."""
+    ratio = network_spacing_mm / WORK_SPACING_MM
+    factor = round(ratio)
+    return factor if factor > 1 and abs(ratio - factor) < 1e-6 else 1
+
+
+def _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask):
+    checked = []
+    for what, image in (("moving image", moving), ("fixed image", fixed)):
+        if not isinstance(image, sitk.Image):
+            raise InputError(f"{what}: expected a SimpleITK image, got {type(image).__name__}")
+        image = imaging.squeeze_to_3d(image, what)
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"{what}: has {image.GetNumberOfComponentsPerPixel()} components; expected a scalar")
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        imaging.check_image(image, what)
+        checked.append(image)
+    moving, fixed = checked
+    if moving_labels is not None:
+        imaging.check_labels(moving_labels, "moving labels", moving)
+    if fixed_labels is not None:
+        imaging.check_labels(fixed_labels, "fixed labels", fixed)
+    if mask is not None:
+        imaging.check_labels(mask, "mask", fixed)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise InputError("mask: is empty (no voxel is set)")
+    return moving, fixed
+
+
+def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(sitk.GetArrayFromImage(image)).to(device)[None, None]
+
+
+def _predict(loaded: LoadedModel, moving: torch.Tensor, fixed: torch.Tensor, alpha: float):
+    """Network velocity on the tensors' device; a CUDA out-of-memory falls back to the CPU with a warning."""
+    try:
+        loaded.model.to(moving.device)
+        with torch.inference_mode():
+            return loaded.model(moving, fixed, alpha)
+    except torch.cuda.OutOfMemoryError:
+        import warnings
+
+        warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=3)
+        torch.cuda.empty_cache()
+        return _predict(loaded, moving.cpu(), fixed.cpu(), alpha)
+
+
+# The similarity is computed on the mask grown by this much, so that the brain's edge (tissue against background)
+# drives the deformation there too: on the mask itself, the edge had no say, and the 2 mm development pairs lost
+# 0.02 Dice and folded on 0.02-0.05 % of the brain (docs/benchmarks.md).
+MASK_MARGIN_MM = 8.0
+
+
+def similarity_region(mask: torch.Tensor, reference: sitk.Image) -> torch.Tensor:
+    """The fixed mask grown by ``MASK_MARGIN_MM`` (a cube, by max pooling) on the work grid."""
+    radius = int(round(MASK_MARGIN_MM / reference.GetSpacing()[0]))
+    return F.max_pool3d((mask > 0.5).float(), 2 * radius + 1, stride=1, padding=radius)
+
+
+def refinement_schedule(preset: str | None, refine: int | None) -> Schedule:
+    """The schedule a run uses: ``refine`` steps on the work grid when given (0: the network alone), else the
+    preset's (``fast`` by default)."""
+    if refine is not None:
+        return single_level(int(refine), WORK_SPACING_MM)
+    return PRESETS[preset or DEFAULT_PRESET]
+
+
+def _pyramid(schedule: Schedule, pair, reference: sitk.Image, normalised, transform, device) -> list:
+    """The (moving, fixed) tensors of each level: the work grid's, average-pooled copies for coarser levels, and
+    the normalised images resampled afresh onto finer grids (same extent, stride-pyramid voxel centres)."""
+    work = reference.GetSpacing()[0]
+    levels = []
+    for spacing in schedule.spacings:
+        ratio = spacing / work
+        if ratio >= 1:
+            factor = int(round(ratio))
+            if abs(ratio - factor) > 1e-6:
+                raise ValueError(f"level spacing {spacing} mm is not a multiple of the work grid's {work} mm")
+            levels.append(tuple(F.avg_pool3d(t, factor) if factor > 1 else t for t in pair))
+        else:
+            fine = imaging.finer_grid(reference, int(round(1 / ratio)))
+            moving_norm, fixed_norm = normalised
+            levels.append(
+                (
+                    _tensor(imaging.resample(moving_norm, fine, transform=transform), device),
+                    _tensor(imaging.resample(fixed_norm, fine), device),
+                )
+            )
+    return levels
+
+
+def _finest(reference: sitk.Image, schedule: Schedule) -> sitk.Image:
+    """The grid the output field is built on: the work grid, or the finest refinement level's."""
+    finest = min(schedule.spacings, default=reference.GetSpacing()[0])
+    ratio = reference.GetSpacing()[0] / finest
+    return imaging.finer_grid(reference, int(round(ratio))) if ratio > 1 + 1e-6 else reference
+
+
+def _refine(velocity, levels, masks, alpha, schedule, similarity, integration_steps, stages):
+    def on_step(done: int, total: int, loss: float) -> None:
+        stages.check_cancel()
+        if stages.progress is not None:
+            stages.progress(round(0.4 + 0.45 * done / total, 6), f"refining: step {done}/{total}, loss {loss:.4f}")
+
+    with torch.enable_grad():
+        return refine_schedule(
+            velocity,
+            levels,
+            schedule,
+            alpha,
+            similarity=similarity,
+            mask=masks[0],
+            integration_steps=integration_steps,
+            on_step=on_step,
+            moving_mask=masks[1],
+        )
+
+
+def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def _field_metrics(jac: np.ndarray, mask: sitk.Image | None) -> dict:
+    region = None if mask is None else sitk.GetArrayViewFromImage(mask) > 0
+    count, percent = metrics.folding(jac, region)
+    return {
+        "folding_count": count,
+        "folding_percent": percent,
+        "sd_log_jacobian": metrics.sd_log_jacobian(jac, region),
+        "jacobian_min": float(jac.min()),
+        "jacobian_max": float(jac.max()),
+    }
+
+
+def _dice_metrics(warped_labels: sitk.Image, fixed_labels: sitk.Image, moving_labels: sitk.Image) -> dict:
+    """Dice per label (``metrics.label_dice``: the labels of both maps) and their mean."""
+    arrays = (sitk.GetArrayViewFromImage(image) for image in (warped_labels, fixed_labels, moving_labels))
+    per_label = metrics.label_dice(*arrays)
+    values = [v for v in per_label.values() if not np.isnan(v)]
+    return {"dice": {str(k): v for k, v in per_label.items()}, "dice_mean": float(np.mean(values)) if values else None}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+__all__ = ["Cancelled", "RegistrationResult", "register", "resolve_device", "work_grid_factor"]
