@@ -15,7 +15,7 @@ from DTNRegistrationLib.errors import DataError
 from DTNRegistrationLib.train import pairs as pair_sources
 from DTNRegistrationLib.train import synth
 from DTNRegistrationLib.train import volumes as data
-from DTNRegistrationLib.train.volumes import DatasetSpec
+from DTNRegistrationLib.train.config import DatasetSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -26,7 +26,8 @@ from DTNRegistrationLib.evaluate.inputs import (
     pairs_from_csv,
     pairs_from_dataset_json,
 )
-from DTNRegistrationLib.evaluate.report import load_label_table, merged_dice, merged_name, paired_ttest
+from DTNRegistrationLib.evaluate.labels import load_label_table, merged_name
+from DTNRegistrationLib.evaluate.report import merged_dice, paired_ttest
 from DTNRegistrationLib.evaluate.run import evaluate
 from DTNRegistrationLib.evaluate.scores import hd95, surface
 

@@ -344,7 +344,7 @@ def test_panel_defaults_match_the_engine(source):
 
 def test_panel_constants_match_the_engine(source):
     """The alpha default and range the parameter node needs before the engine is imported equal the engine's."""
-    from DTNRegistrationLib.panel import model_info
+    from DTNRegistrationLib import options
 
     constants = {
         node.targets[0].id: ast.literal_eval(node.value)
@@ -353,7 +353,7 @@ def test_panel_constants_match_the_engine(source):
         and isinstance(node.targets[0], ast.Name)
         and node.targets[0].id in ("DEFAULT_ALPHA", "ALPHA_RANGE")
     }
-    assert constants == {"DEFAULT_ALPHA": model_info.DEFAULT_ALPHA, "ALPHA_RANGE": model_info.ALPHA_RANGE}
+    assert constants == {"DEFAULT_ALPHA": options.DEFAULT_ALPHA, "ALPHA_RANGE": options.ALPHA_RANGE}
 
 
 # ----------------------------------------------------------------------------------------------------------------

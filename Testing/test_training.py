@@ -14,11 +14,11 @@ import torch.multiprocessing as mp
 
 from DTNRegistrationLib.core import models
 from DTNRegistrationLib.errors import ModelError
-from DTNRegistrationLib.train import checkpoints, run_log
+from DTNRegistrationLib.train import checkpoints, run_log, steps
 from DTNRegistrationLib.train import cli as train_cli
 from DTNRegistrationLib.train import pairs as pair_sources
 from DTNRegistrationLib.train import trainer as training
-from DTNRegistrationLib.train.trainer import TrainConfig
+from DTNRegistrationLib.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,7 +40,7 @@ def tiny_cfg(out: Path, **kw) -> TrainConfig:
         progress=False,
         model_options=SMALL,
     )
-    return TrainConfig(**(values | kw))
+    return TrainConfig.from_dict(values | kw)
 
 
 def losses_by_step(out: Path) -> dict[int, float]:
@@ -78,7 +78,7 @@ class FixedPair:
 
 def _similarity(trainer: training.Trainer, pair) -> float:
     with torch.no_grad():
-        _, parts = training.compute_loss(trainer.core, trainer.core, pair, 0.1, trainer.cfg, False, False)
+        _, parts = steps.compute_loss(trainer.core, trainer.core, pair, 0.1, trainer.cfg, False, False)
     return parts["similarity"]
 
 
@@ -217,7 +217,7 @@ def test_command_line_options_map_onto_the_config():
         ["--output-dir", "o", "--synthetic", "--shape", "32", "48", "64", "--no-alpha-conditioned", "--alpha", "0.2"]
     )
     cfg = train_cli.config_from_args(args)
-    assert cfg.shape == (32, 48, 64) and cfg.synthetic and not cfg.alpha_conditioned and cfg.alpha == 0.2
+    assert cfg.data.shape == (32, 48, 64) and cfg.synthetic and not cfg.alpha_conditioned and cfg.alpha == 0.2
     assert cfg.similarity == "l1" and cfg.lr == 1e-4 and cfg.betas == (0.5, 0.999) and cfg.batch_size == 1
 
 

@@ -40,8 +40,9 @@ import torch  # noqa: E402
 from DTNRegistrationLib.core import metrics, models, spatial  # noqa: E402
 from DTNRegistrationLib.train import pairs, synth  # noqa: E402
 from DTNRegistrationLib.train.checkpoints import BEST_WEIGHTS, FINAL_WEIGHTS  # noqa: E402
+from DTNRegistrationLib.train.config import DatasetSpec, TrainConfig  # noqa: E402
 from DTNRegistrationLib.train.run_log import LOG_FILE  # noqa: E402
-from DTNRegistrationLib.train.trainer import TrainConfig, Trainer  # noqa: E402
+from DTNRegistrationLib.train.trainer import Trainer  # noqa: E402
 
 log = logging.getLogger("gpu_job")
 HELD_OUT_SEED = 9001  # training samples from its own seed and validates on 12345; these pairs are never seen
@@ -99,8 +100,7 @@ def train_variant(args, variant: str, work: Path, real_shape) -> tuple[Path, dic
         synth_fraction=0.5,
         prepared_data=str(args.bundle / "real.npz"),
         p_same=0.5,
-        spacing_mm=args.spacing_mm,
-        shape=shape,
+        data=DatasetSpec(spacing_mm=args.spacing_mm, shape=shape),
         variant=variant,
         alpha_conditioned=True,
         alpha_range=(0.01, 1.0),

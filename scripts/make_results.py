@@ -35,7 +35,7 @@ from DTNRegistrationLib.core import imaging, models  # noqa: E402
 from DTNRegistrationLib.evaluate import inputs as evaluation_inputs  # noqa: E402
 from DTNRegistrationLib.evaluate import run as evaluation  # noqa: E402
 from DTNRegistrationLib.evaluate.baselines import parse_methods  # noqa: E402
-from DTNRegistrationLib.evaluate.report import load_label_table  # noqa: E402
+from DTNRegistrationLib.evaluate.labels import load_label_table  # noqa: E402
 from DTNRegistrationLib.train import synth  # noqa: E402
 
 FETCH = ROOT.parent / "shared" / "data" / "fetch.sh"

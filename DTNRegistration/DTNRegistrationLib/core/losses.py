@@ -164,8 +164,17 @@ def registration_objective(
         sim = local_ncc(warped, fixed, window, mask, fixed_stats=fixed_stats)
     else:
         sim = _lookup(similarity)(warped, fixed, mask)
+    return paper_loss(sim, v, alpha)[0]
+
+
+def paper_loss(sim: torch.Tensor, v: torch.Tensor, alpha: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sim + alpha * ||grad v||^2`` (Eq. 2 of the paper) and the smoothness term per pair.
+
+    The one place where the two terms meet: the test-time objective above and the training loss
+    (``train.steps.compute_loss``) both end here. ``alpha`` is a float or one value per pair of the batch.
+    """
     smooth = gradient_smoothness(v, per_sample=True)
-    return sim + (torch.as_tensor(alpha, device=v.device, dtype=v.dtype) * smooth).mean()
+    return sim + (torch.as_tensor(alpha, device=v.device, dtype=v.dtype) * smooth).mean(), smooth
 
 
 def similarity(name: str):

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..options import ALPHA_RANGE, DEFAULT_ALPHA
 from . import spatial
 
 VARIANTS = ("dtn", "dtn_s", "dtn_c", "none")
@@ -55,8 +56,8 @@ class DTNConfig:
     velocity_level: int = 1  # predict v at 1 / 2**velocity_level resolution (0 or 1)
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS
     alpha_conditioned: bool = True
-    alpha: float = 0.1  # training alpha of a non-conditioned model; the default alpha otherwise
-    alpha_range: tuple[float, float] = (0.01, 1.0)
+    alpha: float = DEFAULT_ALPHA  # training alpha of a non-conditioned model; the default alpha otherwise
+    alpha_range: tuple[float, float] = ALPHA_RANGE
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     """``dtnreg evaluate``: 0 on success, 2 for bad input (reported before any work)."""
     from ..errors import ModelError
     from .baselines import parse_methods
-    from .report import load_label_table
+    from .labels import load_label_table
 
     try:
         pairs = pairs_from_args(args)

@@ -1,4 +1,4 @@
-"""Tables, statistics and figures of ``dtnreg evaluate``: the paper's Table 1, Fig. 2(b) and Fig. 3 for any data.
+"""Tables and statistics of ``dtnreg evaluate``: the paper's Table 1 for any data (the figures: ``figures``).
 
 Works on the per (pair, method) records that ``evaluation`` computes (plain dicts, as cached in JSON), so a report
 can be redrawn from the cache alone. Everything is written atomically (temporary file, then rename).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -16,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..files import RESOURCES_DIR
+from .labels import label_name, merged_name
 
-LUT_FILE = RESOURCES_DIR / "Labels" / "FreeSurferColorLUT_subset.txt"
-SIDE_PREFIXES = (("ctx-lh-", "ctx-"), ("ctx-rh-", "ctx-"), ("left-", ""), ("right-", ""), ("left_", ""), ("right_", ""))
 CSV_COLUMNS = (
     "pair",
     "method",
@@ -42,52 +38,6 @@ CSV_COLUMNS = (
     "peak_extra_mb",
     "alpha",
 )
-
-
-# ---------------------------------------------------------------------------------------------- label names
-
-
-def read_lut(path: str | os.PathLike) -> dict[int, str]:
-    """Label names from a FreeSurfer colour table (``number name [R G B A]``, ``#`` comments) or a JSON map."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"label table {path}: file not found")
-    text = path.read_text(errors="replace")
-    if path.suffix.lower() == ".json":
-        try:
-            return {int(k): str(v) for k, v in json.loads(text).items()}
-        except (ValueError, AttributeError) as err:
-            raise InputError(f"label table {path}: expected a JSON object {{number: name}} ({err})") from None
-    table = {}
-    for line in text.splitlines():
-        fields = line.split("#", 1)[0].replace(",", " ").split()
-        if len(fields) >= 2 and fields[0].lstrip("-").isdigit():
-            table[int(fields[0])] = fields[1]
-    if not table:
-        raise InputError(f"label table {path}: no 'number name' lines found")
-    return table
-
-
-def load_label_table(spec: str | None = "freesurfer") -> dict[int, str]:
-    """``freesurfer`` (the bundled subset of FreeSurfer's table), ``numbers`` (no names), or a table file."""
-    if spec in (None, "", "freesurfer"):
-        return read_lut(LUT_FILE) if LUT_FILE.is_file() else {}
-    if spec == "numbers":
-        return {}
-    return read_lut(spec)
-
-
-def label_name(table: dict[int, str], label: int) -> str:
-    return table.get(int(label), f"label {int(label)}")
-
-
-def merged_name(name: str) -> str:
-    """The structure's name without its side, so that left and right merge (the paper's Fig. 3)."""
-    lower = name.lower()
-    for prefix, replacement in SIDE_PREFIXES:
-        if lower.startswith(prefix) and len(name) > len(prefix):
-            return replacement + name[len(prefix) :]
-    return name
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -227,93 +177,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-# ---------------------------------------------------------------------------------------------- figures
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | os.PathLike) -> None:
-    from ..files import atomic_write
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    _pyplot().close(fig)
-
-
-def dice_boxplot(records: list[dict], methods: list[str], table: dict[int, str], path: str | os.PathLike) -> bool:
-    """Fig. 3: Dice per structure (left and right merged), one box per method; False when nothing is labelled."""
-    per = {m: {} for m in methods}
-    order: list[str] = []
-    for r in records:
-        for name, value in merged_dice(r, table).items():
-            per[r["method"]].setdefault(name, []).append(value)
-            if name not in order:
-                order.append(name)
-    if not order:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(order) * len(methods) + 2), 4.2))
-    width = 0.8 / len(methods)
-    colours = plt.get_cmap("tab10")
-    for i, method in enumerate(methods):
-        data = [per[method].get(name, []) for name in order]
-        positions = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(order))]
-        shown = [(p, d) for p, d in zip(positions, data) if d]
-        if not shown:
-            continue
-        boxes = ax.boxplot(
-            [d for _, d in shown],
-            positions=[p for p, _ in shown],
-            widths=width * 0.9,
-            patch_artist=True,
-            medianprops={"color": "black"},
-        )
-        for box in boxes["boxes"]:
-            box.set_facecolor(colours(i % 10))
-            box.set_alpha(0.75)
-        ax.plot([], [], "s", color=colours(i % 10), label=method)
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels(order, rotation=35, ha="right")
-    ax.set_ylabel("Dice")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Dice per structure (left and right merged)")
-    fig.tight_layout()
-    _save(fig, path)
-    return True
-
-
-def alpha_figure(fixed: np.ndarray, sweep: list[dict], path: str | os.PathLike) -> None:
-    """Fig. 2(b): the warped moving image for each alpha, voxels with det J <= 0 in red.
-
-    ``fixed`` and each ``sweep`` item's ``warped`` / ``folding`` are LPS-oriented volumes (k, j, i); the axial
-    slice shown is the one with the most folding at the smallest alpha (the middle one when nothing folds).
-    """
-    plt = _pyplot()
-    folds = sweep[0]["folding"].reshape(sweep[0]["folding"].shape[0], -1).sum(1)
-    k = int(np.argmax(folds)) if folds.any() else fixed.shape[0] // 2
-    fig, axes = plt.subplots(1, len(sweep) + 1, figsize=(2.6 * (len(sweep) + 1), 3.2))
-    axes[0].imshow(fixed[k], cmap="gray")
-    axes[0].set_title("fixed", fontsize=9)
-    for ax, item in zip(axes[1:], sweep):
-        ax.imshow(item["warped"][k], cmap="gray")
-        ys, xs = np.nonzero(item["folding"][k])
-        ax.scatter(xs, ys, s=3, c="red", marker="s", linewidths=0)
-        ax.set_title(f"alpha={item['alpha']:g}\n|J|<=0: {item['folding_count']} voxels", fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(f"Warped moving image, folding voxels in red (axial slice {k})", fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
-
-
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -394,27 +257,6 @@ def alpha_table(sweep: list[dict]) -> list[str]:
     return _table(["alpha", "\\|J\\|<=0 (voxels)", "\\|J\\|<=0 (%)", "mean Dice"], body)
 
 
-__all__ = [
-    "alpha_figure",
-    "alpha_table",
-    "csv_rows",
-    "dice_boxplot",
-    "label_name",
-    "load_label_table",
-    "merged_name",
-    "pair_table",
-    "paired_ttest",
-    "read_lut",
-    "structure_table",
-    "summarise",
-    "table1",
-    "ttest_table",
-    "ttests",
-    "write_csv",
-    "write_text",
-]
-
-
 def render_report(records: list[dict], sweep: list[dict], table: dict[int, str], context: dict) -> str:
     """The Markdown report: Table 1, t-tests, Fig. 3 and its table, per-pair numbers, Fig. 2(b), definitions."""
     methods = [m.label for m in context["methods"]]
@@ -490,3 +332,20 @@ def _definitions(env: dict) -> list[str]:
         f"{env['dtn_devices']}; Python {env['python']}, torch {env['torch']}, SimpleITK {env['SimpleITK']}, "
         f"antspyx {env['antspyx']}.",
     ]
+
+
+__all__ = [
+    "alpha_table",
+    "csv_rows",
+    "merged_dice",
+    "pair_table",
+    "paired_ttest",
+    "render_report",
+    "structure_table",
+    "summarise",
+    "table1",
+    "ttest_table",
+    "ttests",
+    "write_csv",
+    "write_text",
+]

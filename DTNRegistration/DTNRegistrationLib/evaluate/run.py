@@ -309,6 +309,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def write_outputs(output_dir: Path, run: EvaluationRun, pairs, methods, table, title, notes, sweep_method, sweep_pair):
     """results.csv, summary.csv, ttests.csv, the figures and report.md; returns their paths."""
+    from . import figures as plots
     from . import report as rep
 
     labels = [m.label for m in methods]
@@ -320,11 +321,11 @@ def write_outputs(output_dir: Path, run: EvaluationRun, pairs, methods, table, t
     rep.write_csv(files["summary.csv"], _flat_summary(summary), _SUMMARY_COLUMNS)
     rep.write_csv(files["ttests.csv"], tests, ("a", "b", "n", "mean_difference", "t", "p"))
     figures = {}
-    if rep.dice_boxplot(run.records, labels, table, output_dir / "dice_per_structure.png"):
+    if plots.dice_boxplot(run.records, labels, table, output_dir / "dice_per_structure.png"):
         figures["boxplot"] = files["dice_per_structure.png"] = output_dir / "dice_per_structure.png"
     if run.sweep:
         fixed = _oriented(load_pair(sweep_pair).fixed)
-        rep.alpha_figure(fixed, run.sweep, output_dir / "alpha_folding.png")
+        plots.alpha_figure(fixed, run.sweep, output_dir / "alpha_folding.png")
         figures["alpha"] = files["alpha_folding.png"] = output_dir / "alpha_folding.png"
     context = {
         "title": title,

@@ -13,9 +13,7 @@ from pathlib import Path
 
 from ..core import model_registry
 from ..errors import ModelError
-
-DEFAULT_ALPHA = 0.1
-ALPHA_RANGE = (0.01, 1.0)
+from ..options import ALPHA_RANGE, DEFAULT_ALPHA
 
 
 @dataclass

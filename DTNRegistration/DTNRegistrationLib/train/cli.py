@@ -11,7 +11,8 @@ import sys
 
 from ..core import losses
 from .checkpoints import load_state
-from .trainer import TrainConfig, train
+from .config import DATA_FIELDS, TrainConfig
+from .trainer import train
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
@@ -102,7 +103,7 @@ def _group_opt(group, defaults: TrainConfig):
         if "metavar" not in kw and "choices" not in kw and kw.get("type") in (int, float):
             kw["metavar"] = "N" if kw["type"] is int else "X"
         if "default:" not in help_text:
-            help_text = f"{help_text} (default: {getattr(defaults, dest)})"
+            help_text = f"{help_text} (default: {defaults.to_dict()[dest]})"
         group.add_argument(
             f"--{name}",
             dest=dest,
@@ -126,7 +127,8 @@ def _json_dict(text: str) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's configuration: the options given, over the resumed run's settings or the defaults."""
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(DATA_FIELDS)
+    given = {k: v for k, v in vars(args).items() if k in known}
     if given.get("resume"):
         state = load_state(given["resume"])
         base = json.loads(state["train_config"])

@@ -16,7 +16,6 @@ rank 0 writes files and logs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -24,18 +23,14 @@ import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from ..core import losses, metrics, spatial
 from ..core.models import read_weights, save_weights
-from ..core.network import DTN, DTNConfig, build_model
+from ..core.network import DTN, build_model
 from ..errors import ModelError
 from ..files import atomic_write
 from . import pairs, synth
@@ -50,8 +45,10 @@ from .checkpoints import (
     rng_state,
     set_rng_state,
 )
+from .config import TrainConfig
 from .distributed import any_rank, setup_distributed
 from .run_log import RunLog
+from .steps import compute_loss, sample_alpha, validate
 
 log = logging.getLogger(__name__)
 
@@ -60,195 +57,19 @@ MAX_BAD_STEPS = 10  # non-finite losses in a row before the run gives up (single
 RATE_AFTER_STEPS = 20  # the throughput is reported once, over the first steps of the run
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (saved with its checkpoints)."""
-
-    output_dir: str = "dtn-training"
-    # data
-    synthetic: bool = False
-    synth_fraction: float = 0.5  # share of synthetic pairs when mixing with real images
-    synth_labels: int = 16
-    synth_contrast: str = "shared"
-    images_dir: str | None = None
-    images_glob: str = "*"
-    labels_dir: str | None = None
-    dataset_json: str | None = None
-    prepared_data: str | None = None  # an .npz of volumes already on the model grid (pairs.save_prepared)
-    atlas: str | None = None
-    atlas_labels: str | None = None
-    template: str | None = None
-    spacing_mm: float = 2.0
-    shape: tuple[int, int, int] = (96, 112, 96)  # model grid, array order (D, H, W)
-    align: str = "affine"
-    cache_dir: str | None = None  # default: <output_dir>/cache
-    augment: bool = True
-    p_same: float = 0.2
-    workers: int = 2
-    # model
-    variant: str = "dtn"
-    alpha_conditioned: bool = True
-    alpha: float = 0.1
-    alpha_range: tuple[float, float] = (0.01, 1.0)
-    init: str | None = None
-    model_options: dict = field(default_factory=dict)  # other DTNConfig settings (widths, heads, layers)
-    # loss and optimiser
-    similarity: str = "l1"
-    dice_weight: float = 0.0
-    dice_real: bool = False  # also use real label maps in the Dice term
-    lr: float = 1e-4
-    lr_schedule: str = "constant"  # or "cosine": to lr/10 at max steps or max minutes, whichever comes first
-    warmup_steps: int = 0  # linear warm-up of the learning rate (fine-tuning starts with a fresh optimiser)
-    betas: tuple[float, float] = (0.5, 0.999)
-    batch_size: int = 1
-    grad_clip: float = 0.0  # 0 = off
-    # run
-    max_steps: int = 102400  # the paper's iterations
-    max_minutes: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
-    threads: int | None = None
-    val_every: int = 500
-    val_synthetic: int = 4
-    val_same_subject: int = 0  # validation pairs per labelled real subject: two known deformations of it
-    checkpoint_every: int = 500
-    log_every: int = 10
-    resume: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.shape = tuple(int(n) for n in self.shape)
-        self.alpha_range = tuple(float(a) for a in self.alpha_range)
-        self.betas = tuple(float(b) for b in self.betas)
-        if len(self.shape) != 3 or any(n <= 0 or n % 16 for n in self.shape):
-            raise ValueError(f"shape must be 3 sizes, each a multiple of 16, got {self.shape}")
-        if self.similarity not in losses.SIMILARITIES:
-            raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {sorted(losses.SIMILARITIES)}")
-        if not (0 < self.alpha_range[0] <= self.alpha_range[1]):
-            raise ValueError(f"alpha range must be 0 < low <= high, got {self.alpha_range}")
-        reserved = {"variant", "alpha_conditioned", "alpha", "alpha_range"} & set(self.model_options)
-        if reserved:
-            raise ValueError(f"set {sorted(reserved)} with their own options, not in model options")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"learning-rate schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.prepared_data and (self.images_dir or self.dataset_json or self.atlas):
-            raise ValueError("give prepared data or image files (--images-dir, --dataset-json, --atlas), not both")
-        if self.batch_size < 1 or self.max_steps < 0 or self.spacing_mm <= 0:
-            raise ValueError("batch size must be >= 1, max steps >= 0 and spacing > 0")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    def model_config(self) -> DTNConfig:
-        return DTNConfig(
-            **self.model_options,
-            variant=self.variant,
-            alpha_conditioned=self.alpha_conditioned,
-            alpha=self.alpha,
-            alpha_range=self.alpha_range,
-        )
-
-    def dataset_spec(self):
-        """The real data to prepare (``data.DatasetSpec``; importing ``data`` needs SimpleITK)."""
-        from . import volumes as data_mod
-
-        cache = self.cache_dir or str(Path(self.output_dir) / "cache")
-        return data_mod.DatasetSpec(
-            images_dir=self.images_dir,
-            images_glob=self.images_glob,
-            labels_dir=self.labels_dir,
-            dataset_json=self.dataset_json,
-            atlas=self.atlas,
-            atlas_labels=self.atlas_labels,
-            template=self.template,
-            spacing_mm=self.spacing_mm,
-            shape=self.shape,
-            align=self.align,
-            cache_dir=cache,
-            workers=self.workers,
-        )
-
-
 def weights_info(cfg: TrainConfig, step: int, description: str) -> dict:
     """What goes with the weights (inference reads ``spacing_mm``)."""
     return {
-        "spacing_mm": cfg.spacing_mm,
+        "spacing_mm": cfg.data.spacing_mm,
         "step": step,
         "training_data": description,
         "similarity": cfg.similarity,
         "alpha_range": list(cfg.alpha_range) if cfg.alpha_conditioned else None,
         "alpha": cfg.alpha,
-        "shape": list(cfg.shape),
+        "shape": list(cfg.data.shape),
         "seed": cfg.seed,
         "dice_weight": cfg.dice_weight,
     }
-
-
-# ---------------------------------------------------------------------------------------------- loss
-
-
-def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
-    return F.one_hot(labels[:, 0].long(), classes).permute(0, 4, 1, 2, 3).float()
-
-
-def sample_alpha(cfg: TrainConfig, gen: torch.Generator, batch: int = 1) -> torch.Tensor:
-    """One alpha per pair of the batch, ``(B,)`` on the generator's device: log-uniform over the alpha range
-    for conditioned models, the fixed alpha otherwise."""
-    if not cfg.alpha_conditioned:
-        return torch.full((batch,), float(cfg.alpha), device=gen.device)
-    lo, hi = (math.log(a) for a in cfg.alpha_range)
-    return torch.exp(lo + (hi - lo) * torch.rand((batch,), generator=gen, device=gen.device))
-
-
-def compute_loss(model, core: DTN, pair: synth.Pair, alpha, cfg: TrainConfig, use_dice: bool, amp: bool):
-    """The training loss of one batch and its parts (floats); ``alpha`` is a float or one per pair ``(B,)``."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
-    with autocast:
-        v = model(pair.moving, pair.fixed, alpha)
-    v = v.float()
-    u = core.displacement(v, tuple(pair.fixed.shape[2:]))
-    warped = spatial.warp(pair.moving, u)
-    sim = losses.similarity(cfg.similarity)(warped, pair.fixed)
-    smooth = losses.gradient_smoothness(v, per_sample=True)
-    loss = sim + (torch.as_tensor(alpha, device=v.device, dtype=v.dtype) * smooth).mean()
-    parts = {"similarity": sim.item(), "smoothness": smooth.mean().item(), "dice_loss": ""}
-    if use_dice and cfg.dice_weight > 0 and pair.moving_labels is not None and pair.fixed_labels is not None:
-        classes = int(max(pair.moving_labels.max().item(), pair.fixed_labels.max().item())) + 1
-        dl = losses.dice_loss(
-            spatial.warp(one_hot(pair.moving_labels, classes), u), one_hot(pair.fixed_labels, classes)
-        )
-        loss = loss + cfg.dice_weight * dl
-        parts["dice_loss"] = dl.item()
-    return loss, parts
-
-
-@torch.no_grad()
-def validate(core: DTN, pairs: list, alpha: float, amp: bool) -> dict:
-    """Mean Dice (warped moving labels vs fixed labels), folding % and SDlogJ over the validation pairs."""
-    dices, folds, sdlj = [], [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
-    for _, pair in pairs:
-        with autocast:
-            v = core(pair.moving, pair.fixed, alpha)
-        u = core.displacement(v.float(), tuple(pair.fixed.shape[2:]))
-        jac = metrics.jacobian_determinant(u[0].cpu().numpy())
-        folds.append(metrics.folding(jac)[1])
-        sdlj.append(metrics.sd_log_jacobian(jac))
-        if pair.moving_labels is not None and pair.fixed_labels is not None:
-            warped = spatial.warp(pair.moving_labels, u, mode="nearest")
-            dices.append(metrics.mean_dice(warped.cpu().numpy(), pair.fixed_labels.cpu().numpy()))
-    return {"val_dice": _mean(dices), "val_folding_percent": _mean(folds), "val_sd_log_jacobian": _mean(sdlj)}
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -324,14 +145,14 @@ class Trainer:
         real = None
         if cfg.prepared_data:
             real = pairs.load_prepared(cfg.prepared_data)
-        elif cfg.images_dir or cfg.dataset_json or cfg.atlas:
+        elif cfg.data.images_dir or cfg.data.dataset_json or cfg.data.atlas:
             from . import volumes as data_mod  # SimpleITK: only where image files are read
 
             real = data_mod.load_real_data(cfg.dataset_spec(), (self.dist.rank, self.dist.world), self.dist.barrier)
         real_source = pairs.RealPairSource(real, cfg.p_same, cfg.augment) if real is not None else None
-        shape = real_source.shape if real_source is not None else cfg.shape
-        if real_source is not None and tuple(shape) != tuple(cfg.shape):
-            raise ValueError(f"the real volumes are {tuple(shape)}, the configured grid {tuple(cfg.shape)}")
+        shape = real_source.shape if real_source is not None else cfg.data.shape
+        if real_source is not None and tuple(shape) != tuple(cfg.data.shape):
+            raise ValueError(f"the real volumes are {tuple(shape)}, the configured grid {tuple(cfg.data.shape)}")
         synth_cfg = synth.SynthConfig(num_labels=cfg.synth_labels, contrast=cfg.synth_contrast)
         synth_source = pairs.SynthPairSource(shape, synth_cfg) if cfg.synthetic else None
         source = pairs.MixedSource(real_source, synth_source, cfg.synth_fraction)
@@ -547,4 +368,4 @@ def train(cfg: TrainConfig) -> Path:
             dist.destroy_process_group()
 
 
-__all__ = ["CONFIG_FILE", "TrainConfig", "Trainer", "compute_loss", "train", "validate"]
+__all__ = ["CONFIG_FILE", "Trainer", "train"]

@@ -34,34 +34,13 @@ from ..core.imaging import (
 from ..datasets import JsonDataset, Subject, read_dataset_json, subjects_from_folder
 from ..errors import DataError, InputError
 from ..files import atomic_write
+from .config import DatasetSpec
 from .pairs import RealData, Volume
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 Shape = tuple[int, int, int]
-
-
-@dataclass
-class DatasetSpec:
-    """Where the real data is and how to prepare it (a subset of the training configuration)."""
-
-    images_dir: str | None = None
-    images_glob: str = "*"
-    labels_dir: str | None = None
-    dataset_json: str | None = None
-    atlas: str | None = None
-    atlas_labels: str | None = None
-    template: str | None = None
-    spacing_mm: float = 2.0
-    shape: Shape = (96, 112, 96)
-    align: str = "affine"
-    cache_dir: str | None = None
-    workers: int = 2
-
-    @property
-    def has_real(self) -> bool:
-        return bool(self.images_dir or self.dataset_json)
 
 
 # ---------------------------------------------------------------------------------------------- preparation
