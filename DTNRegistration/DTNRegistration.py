@@ -38,11 +38,13 @@ from slicer.util import VTKObservationMixin
 
 MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
-MODELS_DIR = MODULE_DIR / "Resources" / "Models"
+# The parameter node's annotations need these before the engine can be imported: literal copies of
+# DTNRegistrationLib.options (DEVICE_NAMES, PRESET_NAMES, SIMILARITY_NAMES, DEFAULT_ALPHA, ALPHA_RANGE), which
+# Testing/test_module_ui.py checks are equal.
 DEVICES = ["auto", "cuda", "cpu"]
-PRESETS = ["fast", "accurate"]  # as DTNRegistrationLib.refinement.PRESETS (a test checks)
-SIMILARITIES = ["auto", "ncc", "ngf", "mind", "l1", "mse"]  # as DTNRegistrationLib.options (a test checks)
-DEFAULT_ALPHA = 0.1  # as DTNRegistrationLib.panel.model_info (a test checks): needed here before the engine is imported
+PRESETS = ["fast", "accurate"]
+SIMILARITIES = ["auto", "ncc", "ngf", "mind", "l1", "mse"]
+DEFAULT_ALPHA = 0.1
 ALPHA_RANGE = (0.01, 1.0)
 TITLE = "DTN Registration"
 PAPER = (
@@ -242,7 +244,7 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from DTNRegistrationLib.panel import model_info
 
         # The line edit owns the completer: without a Qt parent PythonQt deletes it with its Python wrapper.
-        completer = qt.QCompleter(model_info.shipped_names(MODELS_DIR), self.ui.modelLineEdit)
+        completer = qt.QCompleter(model_info.shipped_names(), self.ui.modelLineEdit)
         self.ui.modelLineEdit.setCompleter(completer)
 
         self.initializeParameterNode()
@@ -300,7 +302,7 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         raw = node.parameterNode
         if raw.GetAttribute("DTNRegistration.alphaFromModel") != "1":
             raw.SetAttribute("DTNRegistration.alphaFromModel", "1")
-            node.alpha = model_info.describe(MODELS_DIR, node.model).clamped_alpha(ALPHA_RANGE)
+            node.alpha = model_info.describe(model=node.model).clamped_alpha(ALPHA_RANGE)
         self.updateModelInfo()
 
     def setParameterNode(self, inputParameterNode) -> None:
@@ -392,7 +394,7 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         if not node:
             return
-        info = model_info.describe(MODELS_DIR, node.model)
+        info = model_info.describe(model=node.model)
         self.ui.modelInfoLabel.text = info.description()
         low, high = info.alpha_range
         self.ui.alphaSliderWidget.minimum = max(ALPHA_RANGE[0], low)
@@ -416,9 +418,11 @@ class DTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAlphaDefault(self) -> None:
         from DTNRegistrationLib.panel import model_info
 
-        self._parameterNode.alpha = model_info.describe(MODELS_DIR, self._parameterNode.model).clamped_alpha()
+        self._parameterNode.alpha = model_info.describe(model=self._parameterNode.model).clamped_alpha()
 
     def onBrowseModel(self) -> None:
+        from DTNRegistrationLib.core.model_registry import MODELS_DIR
+
         path = qt.QFileDialog.getOpenFileName(
             slicer.util.mainWindow(), _("Choose a DTN weights file"), str(MODELS_DIR), _("Weights (*.safetensors)")
         )
@@ -615,39 +619,24 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
             from DTNRegistrationLib import mrml
 
             scene, volumes, segmentations, transforms = self._given
-            modules = getattr(slicer, "modules", None)
-
-            def moduleLogic(given, name):
-                if given is not None or modules is None or not hasattr(modules, name):
-                    return given
-                return getattr(modules, name).logic()
-
-            self._engine = mrml.RegistrationLogic(
-                context=mrml.SceneContext(
-                    scene=scene if scene is not None else slicer.mrmlScene,
-                    volumes_logic=moduleLogic(volumes, "volumes"),
-                    segmentations_logic=moduleLogic(segmentations, "segmentations"),
-                    transforms_logic=moduleLogic(transforms, "transforms"),
-                )
+            context = mrml.app_context(
+                scene, volumes_logic=volumes, segmentations_logic=segmentations, transforms_logic=transforms
             )
+            self._engine = mrml.RegistrationLogic(context=context)
         return self._engine
 
     def outputNodes(self, parameterNode):
         """The output selectors' nodes that are still in the scene (None: create a new node)."""
         from DTNRegistrationLib import mrml
 
-        scene = self.engine.scene
-
-        def present(node):
-            return node if node is not None and scene.IsNodePresent(node) else None
-
-        return mrml.OutputNodes(
-            transform=present(parameterNode.outputTransform),
-            warped=present(parameterNode.outputWarpedVolume),
-            jacobian=present(parameterNode.outputJacobian),
-            folding=present(parameterNode.outputFolding),
-            segmentation=present(parameterNode.outputSegmentation),
+        selected = mrml.OutputNodes(
+            transform=parameterNode.outputTransform,
+            warped=parameterNode.outputWarpedVolume,
+            jacobian=parameterNode.outputJacobian,
+            folding=parameterNode.outputFolding,
+            segmentation=parameterNode.outputSegmentation,
         )
+        return selected.present_in(self.engine.scene)
 
     def startRegistration(self, parameterNode, outputs=None, **runnerOptions):
         """Read the selected nodes (main thread) and start the engine's child process; returns (job, runner).
@@ -679,12 +668,7 @@ class DTNRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def finishRegistration(self, job, result, outputs=None) -> dict:
         """Main thread: the result nodes by role (outputs that left the scene meanwhile are created anew)."""
-        from DTNRegistrationLib import mrml
-
-        scene = self.engine.scene
-        if outputs is not None:
-            kept = {name: node for name, node in outputs.items() if node is not None and scene.IsNodePresent(node)}
-            outputs = mrml.OutputNodes(**kept)
+        outputs = outputs.present_in(self.engine.scene) if outputs is not None else None
         return self.engine.build(job, result, outputs)
 
 

@@ -82,3 +82,28 @@ def to_sitk(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), 
     if direction is not None:
         image.SetDirection(direction)
     return image
+
+
+def write_phantom_pair(root, shape, model_spacing_mm: float = 2.0):
+    """A phantom pair with labels as files (the moving one shifted), 2 mm voxels, and a tiny random model.
+
+    Files: fixed.nii.gz, moving.nii.gz, fixed_labels.nii.gz, moving_labels.nii.gz, tiny.safetensors (whose
+    metadata says ``model_spacing_mm``). Returns ``root``.
+    """
+    from DTNRegistrationLib.core import models
+    from DTNRegistrationLib.core.network import build_model
+
+    torch.manual_seed(0)
+    models.save_weights(build_model(tiny_config()), root / "tiny.safetensors", {"spacing_mm": model_spacing_mm})
+    labels = phantom_labels(shape)
+    shifted = np.roll(labels, 2, axis=1)
+    for name, array in {
+        "fixed.nii.gz": image_from_labels(labels),
+        "moving.nii.gz": image_from_labels(shifted, 1),
+        "fixed_labels.nii.gz": labels.astype(np.uint8),
+        "moving_labels.nii.gz": shifted.astype(np.uint8),
+    }.items():
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(root / name))
+    return root

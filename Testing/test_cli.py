@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import image_from_labels, phantom_labels, tiny_config
+from conftest import write_phantom_pair
 
 from DTNRegistrationLib.cli import commands as cli
 from DTNRegistrationLib.core import models
-from DTNRegistrationLib.core.network import build_model
 
 SHAPE = (32, 40, 36)
 OUTPUTS = ["warped", "displacement", "jacobian", "folding", "warped_labels"]  # the default: no inverse
@@ -25,21 +24,8 @@ def files(tmp_path_factory):
 
 
 def write_pair_files(root):
-    """A phantom pair with labels as files (the moving one shifted), and a tiny model."""
-    torch.manual_seed(0)
-    models.save_weights(build_model(tiny_config()), root / "tiny.safetensors", {"spacing_mm": 2.0})
-    labels = phantom_labels(SHAPE)
-    shifted = np.roll(labels, 2, axis=1)
-    for name, array in {
-        "fixed.nii.gz": image_from_labels(labels),
-        "moving.nii.gz": image_from_labels(shifted, 1),
-        "fixed_labels.nii.gz": labels.astype(np.uint8),
-        "moving_labels.nii.gz": shifted.astype(np.uint8),
-    }.items():
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing((2.0, 2.0, 2.0))
-        sitk.WriteImage(image, str(root / name))
-    return root
+    """The phantom pair of conftest at this module's shape."""
+    return write_phantom_pair(root, SHAPE)
 
 
 def run(files, out, *extra) -> int:

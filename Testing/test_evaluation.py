@@ -11,12 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
-from conftest import image_from_labels, phantom_labels, tiny_config
+from conftest import phantom_labels, write_phantom_pair
 
 from DTNRegistrationLib.cli import commands as cli
 from DTNRegistrationLib.core import models
-from DTNRegistrationLib.core.network import build_model
 from DTNRegistrationLib.errors import InputError
 from DTNRegistrationLib.evaluate.baselines import Identity, parse_method, parse_methods
 from DTNRegistrationLib.evaluate.inputs import (
@@ -100,15 +98,7 @@ def _write(array: np.ndarray, path, spacing=(2.0, 2.0, 2.0)) -> None:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Two phantom pairs (one shifted, one identical) as files with a CSV, and a tiny random DTN."""
-    root = tmp_path_factory.mktemp("evaluation")
-    torch.manual_seed(0)
-    models.save_weights(build_model(tiny_config()), root / "tiny.safetensors", {"spacing_mm": 4.0})
-    labels = phantom_labels(SHAPE)
-    shifted = np.roll(labels, 2, axis=1)
-    _write(image_from_labels(labels), root / "fixed.nii.gz")
-    _write(labels.astype(np.uint8), root / "fixed_labels.nii.gz")
-    _write(image_from_labels(shifted, 1), root / "moving.nii.gz")
-    _write(shifted.astype(np.uint8), root / "moving_labels.nii.gz")
+    root = write_phantom_pair(tmp_path_factory.mktemp("evaluation"), SHAPE, model_spacing_mm=4.0)
     with open(root / "pairs.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["moving", "fixed", "moving_labels", "fixed_labels", "name"])

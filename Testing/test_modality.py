@@ -95,8 +95,8 @@ def test_what_is_computed_once_per_level_scores_as_the_images_themselves(name, c
     prepared_moving, prepared_fixed, stats = losses.prepare_similarity(name, moving, fixed)
     assert stats is None and prepared_fixed.shape[1] == channels
     zero = torch.zeros(1, 3, *(n // 2 for n in SHAPE))
-    shortcut = losses.registration_objective(zero, prepared_moving, prepared_fixed, 0.1, similarity=name)
-    direct = losses.registration_objective(zero, moving, fixed, 0.1, similarity=name)
+    shortcut = losses.registration_objective(zero, prepared_moving, prepared_fixed, alpha=0.1, similarity=name)
+    direct = losses.registration_objective(zero, moving, fixed, alpha=0.1, similarity=name)
     torch.testing.assert_close(shortcut, direct)
 
 

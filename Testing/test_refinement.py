@@ -1,7 +1,7 @@
 import torch
 from conftest import image_from_labels, phantom_labels, smooth_displacement
 
-from DTNRegistrationLib.core import refinement, spatial
+from DTNRegistrationLib.core import losses, refinement, spatial
 
 SHAPE = (32, 32, 32)
 
@@ -18,19 +18,19 @@ def _pair():
 def test_refinement_lowers_the_objective_from_the_given_start():
     moving, fixed = _pair()
     start = torch.zeros(1, 3, 16, 16, 16) + 1e-3
-    before = float(refinement.objective(start, moving, fixed, 0.1, similarity="mse"))
-    v = refinement.refine_velocity(start, moving, fixed, 0.1, 30, similarity="mse")
-    assert float(refinement.objective(v, moving, fixed, 0.1, similarity="mse")) < 0.7 * before
+    before = float(losses.registration_objective(start, moving, fixed, alpha=0.1, similarity="mse"))
+    v = refinement.refine_velocity(start, moving, fixed, alpha=0.1, steps=30, similarity="mse")
+    assert float(losses.registration_objective(v, moving, fixed, alpha=0.1, similarity="mse")) < 0.7 * before
 
 
 def test_a_prediction_worse_than_no_deformation_is_not_used_as_the_start():
     moving, fixed = _pair()
     torch.manual_seed(0)
     wild = torch.randn(1, 3, 16, 16, 16) * 3.0  # what an unsuited model might predict
-    v, origin = refinement.better_start(wild, moving, fixed, 0.1, similarity="mse")
+    v, origin = refinement.better_start(wild, moving, fixed, alpha=0.1, similarity="mse")
     assert origin == "identity" and torch.equal(v, torch.zeros_like(wild))
     small = torch.zeros(1, 3, 16, 16, 16)
-    assert refinement.better_start(small, moving, fixed, 0.1, similarity="mse")[1] == "network"  # ties keep it
+    assert refinement.better_start(small, moving, fixed, alpha=0.1, similarity="mse")[1] == "network"  # ties keep it
 
 
 def test_a_folding_prediction_is_not_used_even_when_it_scores_better():
@@ -42,12 +42,12 @@ def test_a_folding_prediction_is_not_used_even_when_it_scores_better():
     moving = spatial.warp(
         fixed, spatial.integrate(-shift).repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4) * 2
     )
-    assert refinement.better_start(shift, moving, fixed, 1e-6, similarity="mse")[1] == "network"
+    assert refinement.better_start(shift, moving, fixed, alpha=1e-6, similarity="mse")[1] == "network"
     torch.manual_seed(0)
     ripple = shift.clone()
     ripple[:, :, :5, :5, :5] += torch.randn(1, 3, 5, 5, 5) * 4.0  # a corner where both images are background
     assert refinement.folding_percent(ripple) > refinement.MAX_START_FOLDING_PERCENT
-    v, origin = refinement.better_start(ripple, moving, fixed, 1e-6, similarity="mse")
+    v, origin = refinement.better_start(ripple, moving, fixed, alpha=1e-6, similarity="mse")
     assert origin == "identity (network field folds)" and not v.any()
 
 
@@ -63,13 +63,13 @@ def test_each_level_of_a_schedule_lowers_the_fine_objective_and_the_field_keeps_
     coarse = refinement.RefineLevel(4.0, 20, 3, 0.2, 2)
     fine = refinement.RefineLevel(2.0, 10, 5, 0.1, 2)
     pyramid = [_level_pair(moving, fixed, 2), _level_pair(moving, fixed, 1)]
-    v_coarse, _ = refinement.refine_schedule(start, pyramid[:1], refinement.Schedule((coarse,)), 0.1)
-    v_both, taken = refinement.refine_schedule(start, pyramid, refinement.Schedule((coarse, fine)), 0.1)
+    v_coarse, _ = refinement.refine_schedule(start, pyramid[:1], refinement.Schedule((coarse,)), alpha=0.1)
+    v_both, taken = refinement.refine_schedule(start, pyramid, refinement.Schedule((coarse, fine)), alpha=0.1)
     assert taken == [20, 10]
     assert v_coarse.shape == v_both.shape == start.shape  # the running field keeps the finest velocity grid
 
     def score(v):
-        return float(refinement.objective(v, moving, fixed, 0.1, similarity="ncc", window=5))
+        return float(losses.registration_objective(v, moving, fixed, alpha=0.1, similarity="ncc", window=5))
 
     assert score(v_both) < score(v_coarse) < score(start)
 
@@ -79,7 +79,7 @@ def test_a_level_stops_early_once_the_objective_stalls_and_progress_counts_every
     calls = []
     schedule = refinement.Schedule((refinement.RefineLevel(2.0, 200, 5, 0.1, 2),), tolerance=0.05, patience=3)
     _, taken = refinement.refine_schedule(
-        torch.zeros(1, 3, 16, 16, 16), [(moving, fixed)], schedule, 0.1, on_step=lambda *a: calls.append(a)
+        torch.zeros(1, 3, 16, 16, 16), [(moving, fixed)], schedule, alpha=0.1, on_step=lambda *a: calls.append(a)
     )
     assert 3 < taken[0] < 200 and len(calls) == taken[0]
     assert all(total == 200 for _, total, _ in calls)

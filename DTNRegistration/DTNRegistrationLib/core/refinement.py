@@ -76,34 +76,6 @@ PRESETS = {
 MAX_START_FOLDING_PERCENT = 0.01
 
 
-def objective(
-    v: torch.Tensor,
-    moving: torch.Tensor,
-    fixed: torch.Tensor,
-    alpha: float,
-    *,
-    similarity: str = "ncc",
-    window: int = 9,
-    mask: torch.Tensor | None = None,
-    integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
-    fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-    moving_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The registration objective of ``v`` (on its own, possibly coarser, grid) on one image pair."""
-    return losses.registration_objective(
-        v,
-        moving,
-        fixed,
-        alpha,
-        similarity=similarity,
-        window=window,
-        mask=mask,
-        integration_steps=integration_steps,
-        fixed_stats=fixed_stats,
-        moving_mask=moving_mask,
-    )
-
-
 def folding_percent(velocity: torch.Tensor, integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS) -> float:
     """Share (%) of the velocity grid's voxels where ``exp(v)`` folds (det J <= 0)."""
     with torch.no_grad():
@@ -115,14 +87,14 @@ def better_start(
     velocity: torch.Tensor,
     moving: torch.Tensor,
     fixed: torch.Tensor,
-    alpha: float,
     *,
+    alpha: float,
     similarity: str = "ncc",
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
     moving_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, str]:
-    """The network's velocity, or zero when no deformation scores better on :func:`objective` or the field folds.
+    """The network's velocity, or zero when no deformation scores better on the objective or the field folds.
 
     A safeguard: a model that does not suit this pair's images never makes the result worse, on the pair's own
     objective, than the affine initialisation alone, nor hands refinement a folded map to start from. Returns the
@@ -138,8 +110,8 @@ def better_start(
         moving_mask=moving_mask,
     )
     with torch.no_grad():
-        network = float(objective(velocity, moving, fixed, alpha, **options))
-        identity = float(objective(zero, moving, fixed, alpha, **options))
+        network = float(losses.registration_objective(velocity, moving, fixed, alpha=alpha, **options))
+        identity = float(losses.registration_objective(zero, moving, fixed, alpha=alpha, **options))
     if network > identity:
         return zero, "identity"
     if folding_percent(velocity, integration_steps) > MAX_START_FOLDING_PERCENT:
@@ -161,8 +133,8 @@ def refine_schedule(
     velocity: torch.Tensor,
     pyramid: Sequence[tuple[torch.Tensor, torch.Tensor]],
     schedule: Schedule,
-    alpha: float,
     *,
+    alpha: float,
     similarity: str = "ncc",
     mask: torch.Tensor | None = None,
     integration_steps: int = spatial.DEFAULT_INTEGRATION_STEPS,
@@ -192,11 +164,11 @@ def refine_schedule(
         steps = 0
         for _ in range(level.steps):
             optimiser.zero_grad(set_to_none=True)
-            loss = objective(
+            loss = losses.registration_objective(
                 base + dv,
                 moving,
                 fixed,
-                alpha,
+                alpha=alpha,
                 similarity=similarity,
                 window=level.window,
                 mask=level_mask,
@@ -231,9 +203,9 @@ def refine_velocity(
     velocity: torch.Tensor,
     moving: torch.Tensor,
     fixed: torch.Tensor,
+    *,
     alpha: float,
     steps: int,
-    *,
     similarity: str = "ncc",
     window: int = 9,
     mask: torch.Tensor | None = None,
@@ -249,7 +221,7 @@ def refine_velocity(
         velocity,
         [(moving, fixed)],
         Schedule((level,)),
-        alpha,
+        alpha=alpha,
         similarity=similarity,
         mask=mask,
         integration_steps=integration_steps,

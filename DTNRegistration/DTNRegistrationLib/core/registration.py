@@ -146,7 +146,7 @@ def register(
     valid_t = torch.from_numpy(support.valid).to(torch_device)[None, None] if support.needed else None
     steps = loaded.config.integration_steps
     velocity, origin = better_start(
-        velocity, *pair, alpha, similarity=similarity, mask=mask_t, integration_steps=steps, moving_mask=valid_t
+        velocity, *pair, alpha=alpha, similarity=similarity, mask=mask_t, integration_steps=steps, moving_mask=valid_t
     )
     refine_info = {
         "start": origin,
@@ -329,7 +329,7 @@ def _refine(velocity, levels, masks, alpha, schedule, similarity, integration_st
             velocity,
             levels,
             schedule,
-            alpha,
+            alpha=alpha,
             similarity=similarity,
             mask=masks[0],
             integration_steps=integration_steps,

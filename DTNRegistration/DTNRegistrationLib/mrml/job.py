@@ -35,6 +35,11 @@ class OutputNodes:
     def items(self):
         return [(name, getattr(self, name)) for name in self._classes]
 
+    def present_in(self, scene) -> OutputNodes:
+        """These outputs less the nodes no longer in ``scene`` (deleted meanwhile: those are created anew)."""
+        kept = {name: node if node is not None and scene.IsNodePresent(node) else None for name, node in self.items()}
+        return OutputNodes(**kept, create_labelmap=self.create_labelmap)
+
 
 @dataclass
 class RegistrationJob:

@@ -38,12 +38,12 @@ class RegistrationLogic:
         transforms_logic=None,
         context: SceneContext | None = None,
     ) -> None:
-        if context is None:
-            if scene is None:
-                context = app_context()
-            else:
-                context = SceneContext(scene, volumes_logic, segmentations_logic, transforms_logic)
-        self.context = context
+        self.context = context or app_context(
+            scene,
+            volumes_logic=volumes_logic,
+            segmentations_logic=segmentations_logic,
+            transforms_logic=transforms_logic,
+        )
         self.last_result = None
 
     @property

@@ -28,15 +28,25 @@ class SceneContext:
     keep_alive: list = field(default_factory=list, repr=False)
 
 
-def app_context() -> SceneContext:
-    """The running Slicer application's scene and logics (only inside the Slicer app)."""
-    modules = slicer.modules
+def app_context(
+    scene: Any = None, *, volumes_logic: Any = None, segmentations_logic: Any = None, transforms_logic: Any = None
+) -> SceneContext:
+    """A scene and its module logics: those given, the rest the running application's (the one place that asks
+    Slicer for them). Outside the application (slicer-core) what is not given stays None."""
+    modules = getattr(slicer, "modules", None)
+
+    def module_logic(given: Any, name: str) -> Any:
+        if given is not None or modules is None or not hasattr(modules, name):
+            return given
+        return getattr(modules, name).logic()
+
+    app = getattr(slicer, "app", None)
     return SceneContext(
-        scene=slicer.mrmlScene,
-        volumes_logic=modules.volumes.logic(),
-        segmentations_logic=modules.segmentations.logic(),
-        transforms_logic=modules.transforms.logic(),
-        application_logic=slicer.app.applicationLogic(),
+        scene=scene if scene is not None else slicer.mrmlScene,
+        volumes_logic=module_logic(volumes_logic, "volumes"),
+        segmentations_logic=module_logic(segmentations_logic, "segmentations"),
+        transforms_logic=module_logic(transforms_logic, "transforms"),
+        application_logic=app.applicationLogic() if hasattr(app, "applicationLogic") else None,
     )
 
 
