@@ -107,3 +107,16 @@ def write_phantom_pair(root, shape, model_spacing_mm: float = 2.0):
         image.SetSpacing((2.0, 2.0, 2.0))
         sitk.WriteImage(image, str(root / name))
     return root
+
+
+def zero_velocity_model(folder):
+    """A small DTN whose velocity head is zero, saved and loaded back: refinement does all the registering."""
+    from DTNRegistrationLib.core import models
+    from DTNRegistrationLib.core.network import build_model
+
+    torch.manual_seed(0)
+    path = folder / "tiny.safetensors"
+    model = build_model(tiny_config())
+    torch.nn.init.zeros_(model.velocity_head.weight)
+    models.save_weights(model, path, {"spacing_mm": 2.0})
+    return models.load_weights(path)

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import phantom_labels, smooth_displacement, tiny_config
+from conftest import phantom_labels, smooth_displacement, zero_velocity_model
 
-from DTNRegistrationLib.core import losses, metrics, modality, models, registration, spatial
-from DTNRegistrationLib.core.network import build_model
+from DTNRegistrationLib.core import losses, metrics, modality, registration, spatial
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,13 +32,7 @@ def _contrast(labels: np.ndarray, table: np.ndarray, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A small DTN whose velocity head is zero: refinement does all the registering."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    model = build_model(tiny_config())
-    torch.nn.init.zeros_(model.velocity_head.weight)
-    models.save_weights(model, path, {"spacing_mm": 2.0})
-    return models.load_weights(path)
+    return zero_velocity_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
