@@ -92,7 +92,9 @@ class RegistrationOptions:
         return self.preset or DEFAULT_PRESET
 
     def register_keywords(self) -> dict:
-        """The keywords of ``core.registration.register`` (the model is loaded by the caller or by name)."""
+        """The keywords of ``core.registration.register`` that these options set (the model is loaded by the
+        caller; whether to compute the inverse is the caller's choice: the command line asks for it with
+        ``"inverse" in outputs``)."""
         return {
             "alpha": self.alpha,
             "device": self.device,
@@ -100,7 +102,6 @@ class RegistrationOptions:
             "preset": self.preset,
             "refine_similarity": self.refine_similarity,
             "affine": self.affine,
-            "inverse": "inverse" in self.outputs,
         }
 
     def provenance(self) -> dict:

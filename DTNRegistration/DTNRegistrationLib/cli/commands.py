@@ -106,6 +106,7 @@ def _run_pair(
             mask=mask_img,
             moving_mask=moving_mask_img,
             model=loaded,
+            inverse="inverse" in options.outputs,
             progress=progress,
             **options.register_keywords(),
         )

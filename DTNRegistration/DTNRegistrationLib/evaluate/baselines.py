@@ -155,8 +155,7 @@ class DTNMethod(Method):
             mask=pair.mask,
             moving_mask=pair.moving_mask,
             model=self.loaded,
-            # the inverse is not scored, but computed as always (the time column would change without it)
-            **{**options.register_keywords(), "inverse": True},
+            **options.register_keywords(),
         )
         info = {"alpha": result.alpha, "device": result.device, "model": result.model, "timings_s": result.timings}
         jacobian = sitk.GetArrayFromImage(result.jacobian)
