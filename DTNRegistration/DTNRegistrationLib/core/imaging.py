@@ -241,14 +241,14 @@ def affine_initialisation(
     moving: sitk.Image,
     fixed: sitk.Image,
     fixed_mask: sitk.Image | None = None,
-    spacing_mm: float = 3.0,
+    spacing_mm: float = 4.0,
     seed: int = 17,
     moving_mask: sitk.Image | None = None,
 ) -> sitk.AffineTransform:
     """Fixed-to-moving affine by mutual information: moments centring, then rigid, then affine, coarse to fine.
 
-    Runs on copies resampled to ``spacing_mm`` (speed); the result is a plain AffineTransform in LPS mm.
-    The masks (default: the Otsu foreground) centre the start and restrict the metric to the fixed head.
+    Runs on copies resampled to ``spacing_mm`` (speed; 4 mm against 3 mm saved about 0.4 s a 1 mm pair at the same
+    Dice after refinement, docs/benchmarks.md); the result is a plain AffineTransform in LPS mm. The masks (default: the Otsu foreground) centre the start and restrict the metric to the fixed head.
     """
     fixed_small = _downsample(fixed, spacing_mm)
     moving_small = _downsample(moving, spacing_mm)
