@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DTNRegistrationLib.core import losses
+from DTNRegistrationLib.core import losses, spatial
 
 
 def test_l1_and_mse_by_hand_and_with_a_mask():
@@ -54,3 +54,30 @@ def test_dice_loss():
 def test_unknown_similarity_is_named():
     with pytest.raises(ValueError, match="unknown similarity 'cc'"):
         losses.similarity("cc")
+
+
+def test_the_folding_penalty_is_zero_without_folding_and_its_gradient_unfolds():
+    smooth = torch.zeros(1, 3, 8, 8, 8)
+    smooth[:, 0] = torch.linspace(-0.5, 0.5, 8).view(8, 1, 1)  # a gentle stretch: det J > 1 everywhere
+    assert float(losses.folding_penalty(smooth)) == 0.0
+
+    folded = torch.zeros(1, 3, 8, 8, 8)
+    folded[:, 0, 4:] = -1.5  # voxels 4.. jump back past voxel 3: det J = 1 - 1.5 < 0 across that face
+    penalty = losses.folding_penalty(folded)
+    assert float(penalty) > 0.0
+    # the faces that fold: one slab of 7 x 7 cells of the 7^3 cells, each at threshold - det J = 0.1 + 0.5
+    assert float(penalty) == pytest.approx((losses.FOLDING_THRESHOLD + 0.5) * 49 / 7**3)
+    u = folded.clone().requires_grad_(True)
+    losses.folding_penalty(u).backward()
+    assert float(losses.folding_penalty(u.detach() - 0.5 * u.grad * 7**3)) < float(penalty)
+
+
+def test_the_objective_adds_the_weighted_folding_penalty_of_exp_v():
+    torch.manual_seed(0)
+    moving, fixed = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    v = torch.randn(1, 3, 8, 8, 8) * 2.0  # rough enough for exp(v) to fold
+    plain = losses.registration_objective(v, moving, fixed, alpha=0.1, similarity="mse")
+    weighted = losses.registration_objective(v, moving, fixed, alpha=0.1, similarity="mse", folding_weight=10.0)
+    penalty = losses.folding_penalty(spatial.integrate(v))
+    assert float(penalty) > 0
+    assert float(weighted) == pytest.approx(float(plain) + 10.0 * float(penalty), rel=1e-5)

@@ -130,6 +130,10 @@ def fill_left_out(image: torch.Tensor, mask: torch.Tensor, max_passes: int = 64)
     return torch.where(keep > 0, values, mean)
 
 
+# Below this Jacobian determinant a voxel counts against the deformation (a margin before it folds at 0).
+FOLDING_THRESHOLD = 0.1
+
+
 def registration_objective(
     v: torch.Tensor,
     moving: torch.Tensor,
@@ -142,8 +146,10 @@ def registration_objective(
     integration_steps: int = 7,
     fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     moving_mask: torch.Tensor | None = None,
+    folding_weight: float = 0.0,
 ) -> torch.Tensor:
-    """The paper's loss: ``similarity(moving o exp(v), fixed) + alpha * ||grad v||^2``.
+    """The paper's loss: ``similarity(moving o exp(v), fixed) + alpha * ||grad v||^2``
+    (+ ``folding_weight`` times :func:`folding_penalty` of exp(v), which test-time refinement adds).
 
     ``v`` is a velocity in voxels of its own grid (possibly coarser than the images'); ``alpha`` a float or one
     value per pair of the batch; ``window`` is the NCC window and ``fixed_stats`` its precomputed fixed-image
@@ -151,7 +157,8 @@ def registration_objective(
     similarity the fixed points whose warped mask is 0 (a cavity, beyond the moving field of view); the weight is
     not differentiated, so the deformation cannot lower the loss by moving the mask.
     """
-    u = spatial.resize_field(spatial.integrate(v, integration_steps), tuple(fixed.shape[2:]))
+    flow = spatial.integrate(v, integration_steps)
+    u = spatial.resize_field(flow, tuple(fixed.shape[2:]))
     warped = spatial.warp(moving, u)
     if moving_mask is not None:
         weight = spatial.warp(moving_mask.to(u.dtype), u.detach())
@@ -164,7 +171,8 @@ def registration_objective(
         sim = local_ncc(warped, fixed, window, mask, fixed_stats=fixed_stats)
     else:
         sim = _lookup(similarity)(warped, fixed, mask)
-    return paper_loss(sim, v, alpha)[0]
+    loss = paper_loss(sim, v, alpha)[0]
+    return loss + folding_weight * folding_penalty(flow) if folding_weight else loss
 
 
 def paper_loss(sim: torch.Tensor, v: torch.Tensor, alpha: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +183,24 @@ def paper_loss(sim: torch.Tensor, v: torch.Tensor, alpha: float | torch.Tensor) 
     """
     smooth = gradient_smoothness(v, per_sample=True)
     return sim + (torch.as_tensor(alpha, device=v.device, dtype=v.dtype) * smooth).mean(), smooth
+
+
+def folding_penalty(u: torch.Tensor, threshold: float = FOLDING_THRESHOLD) -> torch.Tensor:
+    """Mean over the grid of ``max(0, threshold - det J)``, J the Jacobian of ``x -> x + u(x)`` in voxel units.
+
+    Forward differences: the Jacobian of the trilinear interpolation of ``u`` at each cell's first corner, so a
+    field without penalty stays unfolded when it is brought onto a finer grid.
+    """
+    d = [u[:, :, 1:, :-1, :-1], u[:, :, :-1, 1:, :-1], u[:, :, :-1, :-1, 1:]]
+    base = u[:, :, :-1, :-1, :-1]
+    # j[i][k] = delta_ik + d u_i / d x_k (channel i is array axis i)
+    j = [[(d[k][:, i] - base[:, i]) + (1.0 if i == k else 0.0) for k in range(3)] for i in range(3)]
+    det = (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )
+    return F.relu(threshold - det).mean()
 
 
 def similarity(name: str):
