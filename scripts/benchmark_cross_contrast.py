@@ -3,7 +3,7 @@
     ../shared/data/fetch.sh /tmp/dtn-devdata && pip install antspyx
     python scripts/benchmark_cross_contrast.py /tmp/dtn-devdata [--methods affine ncc ngf mind auto syn]
 
-Pairs from the development images (docs/results.md, cross-contrast section, says how they are made):
+Pairs from the development images (docs/cross-contrast.md says how they are made):
 - known answer: the ICBM 2009a T1 brain's own intensities mapped piecewise linearly to T2-, FLAIR- and PD-like
   contrasts (so every edge is where the T1's is), with a bias field and noise, under two known smooth
   diffeomorphisms (mean displacement 3.2 and 3.7 mm), registered onto the ICBM T1; the same for the T1 itself;

@@ -3,7 +3,7 @@
 - NGF, normalised gradient fields (Haber and Modersitzki, 2006): 1 - mean (n_w . n_f)^2 with n the image gradient
   over sqrt(|grad|^2 + eps^2). It asks edges to be parallel, whatever their sign or strength, so a T2-weighted and
   a T1-weighted image of the same anatomy agree. ``auto``'s choice: on the development pairs it measured best
-  (docs/results.md, cross-contrast section). The fixed image's field is computed once per level; the warped moving
+  (docs/cross-contrast.md). The fixed image's field is computed once per level; the warped moving
   image's at every step (three differences of one warped channel).
 - MIND-SSC (Heinrich et al., MICCAI 2013): at every voxel, 12 self-similarity channels, the box-filtered squared
   differences between the 12 pairs of six-neighbourhood voxels that are sqrt(2) apart (at ``dilation`` voxels),
@@ -28,7 +28,7 @@ MIND_REACH = 7  # the voxels (a cube's side) a descriptor depends on: 2 * (dilat
 # auto: of the dependence between the two images' intensities at corresponding points (after the affine, on the
 # foreground; eta, the correlation ratio of the fixed ranks given the moving ones), the share an increasing mapping
 # explains (rho, Spearman's rank correlation): rho / eta. Same-contrast pairs of the development data measured 0.87
-# to 0.99, T2-, FLAIR- and PD-like ones -0.89 to 0.03 (docs/results.md, cross-contrast section). The rank
+# to 0.99, T2-, FLAIR- and PD-like ones -0.89 to 0.03 (docs/cross-contrast.md). The rank
 # correlation alone failed: 0.37 to 0.46 for T1 pairs with the ROBEX scan, 0.02 for FLAIR-like against T1.
 AUTO_INCREASING_SHARE = 0.5
 AUTO_MIN_DEPENDENCE = 0.1  # below this eta nothing can be told (images unrelated, or misaligned)

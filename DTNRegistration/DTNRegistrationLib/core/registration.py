@@ -25,7 +25,7 @@ from .result import RegistrationResult
 # Test-time refinement by default, coarse to fine: the shipped network is only a little better than the affine start
 # alone (see its model card); the presets' schedules were chosen on the development pairs (docs/benchmarks.md).
 # auto (options.DEFAULT_SIMILARITY): local NCC for pairs of one contrast, normalised gradient fields when the
-# contrasts differ (modality.py; docs/results.md).
+# contrasts differ (modality.py; docs/cross-contrast.md).
 SAME_CONTRAST_SIMILARITY = "ncc"
 # Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
 # times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
