@@ -75,6 +75,30 @@ def smooth_displacement(shape, amplitude: float, seed: int = 0) -> np.ndarray:
     return field
 
 
+def known_deformation_labels(shape, amplitude: float = 2.5, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The phantom's labels (fixed) and the same labels under a smooth diffeomorphism exp(v) (moving)."""
+    from DTNRegistrationLib.core import spatial
+
+    fixed = phantom_labels(shape)
+    true_u = spatial.integrate(torch.from_numpy(smooth_displacement(shape, amplitude, seed=seed))[None])
+    moving = spatial.warp(torch.from_numpy(fixed)[None, None], true_u, mode="nearest")[0, 0].numpy()
+    return fixed, moving
+
+
+def register_pair(pair: dict, model, **options):
+    """``register()`` on a pair dict (moving, fixed and their labels) without affine, on the CPU, no inverse."""
+    from DTNRegistrationLib.core import registration
+
+    return registration.register(
+        pair["moving"],
+        pair["fixed"],
+        moving_labels=pair["moving_labels"],
+        fixed_labels=pair["fixed_labels"],
+        model=model,
+        **{"affine": False, "device": "cpu", "inverse": False, **options},
+    )
+
+
 def to_sitk(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
@@ -109,8 +133,10 @@ def write_phantom_pair(root, shape, model_spacing_mm: float = 2.0):
     return root
 
 
-def zero_velocity_model(folder):
-    """A small DTN whose velocity head is zero, saved and loaded back: refinement does all the registering."""
+def zero_velocity_model(folder, **metadata):
+    """A small DTN whose velocity head is zero, saved and loaded back: refinement does all the registering, from
+    the same start in every orientation (Adam's first steps follow the gradient's sign, so round-off in a
+    near-zero start would otherwise show in the result). ``metadata`` is added to its weights file's."""
     from DTNRegistrationLib.core import models
     from DTNRegistrationLib.core.network import build_model
 
@@ -118,5 +144,5 @@ def zero_velocity_model(folder):
     path = folder / "tiny.safetensors"
     model = build_model(tiny_config())
     torch.nn.init.zeros_(model.velocity_head.weight)
-    models.save_weights(model, path, {"spacing_mm": 2.0})
+    models.save_weights(model, path, {"spacing_mm": 2.0, **metadata})
     return models.load_weights(path)

@@ -9,10 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
-from conftest import image_from_labels, phantom_labels, smooth_displacement, zero_velocity_model
+from conftest import (
+    image_from_labels,
+    known_deformation_labels,
+    phantom_labels,
+    zero_velocity_model,
+)
 
-from DTNRegistrationLib.core import coverage, imaging, metrics, registration, spatial
+from DTNRegistrationLib.core import coverage, imaging, metrics, registration
 from DTNRegistrationLib.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,9 +40,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deformed():
     """The phantom (fixed) and its copy under a known smooth deformation (moving), with labels."""
-    labels = phantom_labels(SHAPE)
-    true_u = spatial.integrate(torch.from_numpy(smooth_displacement(SHAPE, 2.5, seed=4))[None])
-    moved = spatial.warp(torch.from_numpy(labels)[None, None], true_u, mode="nearest")[0, 0].numpy()
+    labels, moved = known_deformation_labels(SHAPE)
     return {
         "fixed": _image(image_from_labels(labels, 0)),
         "moving": _image(image_from_labels(moved, 1)),

@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import image_from_labels, phantom_labels, smooth_displacement, tiny_config
+from conftest import (
+    image_from_labels,
+    known_deformation_labels,
+    phantom_labels,
+    register_pair,
+    tiny_config,
+    zero_velocity_model,
+)
 
-from DTNRegistrationLib.core import imaging, models, registration, spatial
+from DTNRegistrationLib.core import imaging, models, registration
 from DTNRegistrationLib.core.network import build_model
 from DTNRegistrationLib.errors import InputError
 
@@ -17,15 +24,7 @@ SHAPE = (40, 48, 44)  # array order (z, y, x), 2 mm voxels
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A small DTN whose velocity head is zero: refinement does all the registering, from the same start in
-    every orientation (Adam's first steps follow the gradient's sign, so round-off in a near-zero start would
-    otherwise show in the result)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    model = build_model(tiny_config())
-    torch.nn.init.zeros_(model.velocity_head.weight)
-    models.save_weights(model, path, {"spacing_mm": 2.0, "similarity": "mse"})
-    return models.load_weights(path)
+    return zero_velocity_model(tmp_path_factory.mktemp("model"), similarity="mse")
 
 
 def _image(array, spacing=(2.0, 2.0, 2.0), origin=(-40.0, -50.0, -30.0)) -> sitk.Image:
@@ -38,9 +37,7 @@ def _image(array, spacing=(2.0, 2.0, 2.0), origin=(-40.0, -50.0, -30.0)) -> sitk
 @pytest.fixture(scope="module")
 def known_pair():
     """Fixed phantom and the moving one made from it by a known smooth diffeomorphism."""
-    fixed_labels = phantom_labels(SHAPE)
-    true_u = spatial.integrate(torch.from_numpy(smooth_displacement(SHAPE, 2.5, seed=4))[None])
-    moving_labels = spatial.warp(torch.from_numpy(fixed_labels)[None, None], true_u, mode="nearest")[0, 0].numpy()
+    fixed_labels, moving_labels = known_deformation_labels(SHAPE)
     return {
         "fixed": _image(image_from_labels(fixed_labels, 0)),
         "moving": _image(image_from_labels(moving_labels, 1)),
@@ -288,22 +285,8 @@ def known_pair_1mm(known_pair):
 @pytest.fixture(scope="module")
 def by_schedule(known_pair_1mm, tiny_model):
     """The known deformation (1 mm) registered with each preset and with the former default (25 steps at 2 mm)."""
-    known_pair = known_pair_1mm
-
-    def run(**options):
-        return registration.register(
-            known_pair["moving"],
-            known_pair["fixed"],
-            moving_labels=known_pair["moving_labels"],
-            fixed_labels=known_pair["fixed_labels"],
-            model=tiny_model,
-            affine=False,
-            device="cpu",
-            inverse=False,
-            **options,
-        )
-
-    return {"before": run(refine=25), "fast": run(preset="fast"), "accurate": run(preset="accurate")}
+    runs = {"before": {"refine": 25}, "fast": {"preset": "fast"}, "accurate": {"preset": "accurate"}}
+    return {name: register_pair(known_pair_1mm, tiny_model, **options) for name, options in runs.items()}
 
 
 def test_both_presets_recover_a_known_deformation_at_least_as_well_as_the_former_default(known_pair_1mm, by_schedule):
