@@ -48,17 +48,13 @@ def known_pair():
 
 @pytest.fixture(scope="module")
 def refined(known_pair, tiny_model):
-    return registration.register(
-        known_pair["moving"],
-        known_pair["fixed"],
-        moving_labels=known_pair["moving_labels"],
-        fixed_labels=known_pair["fixed_labels"],
-        model=tiny_model,
+    return register_pair(
+        known_pair,
+        tiny_model,
         refine=40,
         refine_similarity="mse",  # the phantom's intensities match: the cleanest check of the maps
         alpha=0.1,
-        affine=False,
-        device="cpu",
+        inverse=True,
     )
 
 
