@@ -37,6 +37,24 @@ def test_local_ncc_box_filter_equals_a_dense_convolution():
         losses.local_ncc(x, x, window=4)
 
 
+@pytest.mark.parametrize("shape, window", [((1, 3, 9, 10, 11), 5), ((2, 1, 12, 11, 10), 9), ((1, 2, 3, 4, 5), 3)])
+def test_box_mean_equals_truncated_average_pooling_values_and_gradients(shape, window):
+    """The shifted-slice box filter against three 1-D average poolings that leave the padding out of the count."""
+    torch.manual_seed(2)
+    x = torch.rand(shape, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    p = window // 2
+    pooled = y
+    for kernel, pad in (((window, 1, 1), (p, 0, 0)), ((1, window, 1), (0, p, 0)), ((1, 1, window), (0, 0, p))):
+        pooled = F.avg_pool3d(pooled, kernel, stride=1, padding=pad, count_include_pad=False)
+    ours = losses._box_mean(x, window)
+    assert torch.allclose(ours, pooled, atol=1e-6)
+    weights = torch.rand(shape)
+    (ours * weights).sum().backward()
+    (pooled * weights).sum().backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-5)
+
+
 def test_gradient_smoothness_of_a_linear_field():
     ramp = torch.arange(10.0).view(1, 1, 10, 1, 1).expand(1, 3, 10, 10, 10) * 0.5
     # only the derivative along axis 0 is non-zero: 0.5^2, averaged over the 3 axes

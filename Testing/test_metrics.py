@@ -17,6 +17,21 @@ def test_dice_by_hand():
     assert metrics.mean_dice(a, b) == pytest.approx((4 / 6 + 0) / 2)
 
 
+def test_dice_by_histogram_equals_dice_label_by_label():
+    """Integer maps take the histogram path; the same maps as floats take the per-label one: equal scores."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 45, (20, 21, 22)).astype(np.uint16)
+    b = a.copy()
+    b[rng.random(a.shape) < 0.4] = 7
+    a[a == 30] = 0  # a label only b has
+    fast, slow = metrics.dice(a, b), metrics.dice(a.astype(np.float32), b.astype(np.float32))
+    assert fast == slow and 0 not in fast and fast[30] == 0.0 and 0.0 < fast[7] < 0.5
+    assert metrics.label_dice(a, b, b) == metrics.label_dice(a.astype(float), b.astype(float), b.astype(float))
+    assert metrics.dice(a, b, labels=[3, 1000])[3] == slow[3] and np.isnan(metrics.dice(a, b, labels=[1000])[1000])
+    signed = a.astype(np.int16) - 1  # negative labels: the per-label path
+    assert metrics.dice(signed, signed)[-1] == 1.0
+
+
 @pytest.mark.parametrize("scale", [0.5, 1.0, 1.3])
 def test_jacobian_of_uniform_scaling(scale):
     shape = (6, 7, 8)

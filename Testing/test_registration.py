@@ -322,3 +322,40 @@ def test_a_fixed_mask_is_grown_so_that_the_brain_edge_counts():
     grown = registration.similarity_region(mask, reference)
     radius = round(registration.MASK_MARGIN_MM / 2.0)
     assert grown[0, 0, 8 - radius, 10, 10] == 1 and grown[0, 0, 8 - radius - 1, 10, 10] == 0
+
+
+def test_a_prepared_alignment_is_used_as_given_and_its_steps_are_timed(known_pair, tiny_model):
+    """`register(prepared=align(...))`, as the command line calls it: the affine comes from the alignment (here one
+    shifted by 3 mm on purpose) and is not searched again; the alignment's steps count in the timings."""
+    from DTNRegistrationLib.core import alignment
+
+    prepared = alignment.align(known_pair["moving"], known_pair["fixed"], affine=False)
+    shifted = sitk.AffineTransform(3)
+    shifted.SetTranslation((3.0, 0.0, 0.0))
+    prepared = alignment.Alignment(**{**prepared.__dict__, "transform": shifted})
+    result = registration.register(
+        known_pair["moving"], known_pair["fixed"], model=tiny_model, refine=0, inverse=False, prepared=prepared
+    )
+    assert result.affine.GetTranslation() == (3.0, 0.0, 0.0)
+    # the map is the shift alone (a zero-velocity model, no refinement): 3 mm along x everywhere
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(result.displacement)[..., 0], 3.0, atol=1e-6)
+    assert {"validate", "affine", "network"} <= set(result.timings)
+    assert result.timings["total"] >= result.timings["affine"] + result.timings["network"]
+
+
+def test_reading_and_aligning_import_no_torch():
+    """The command line aligns while torch loads in a thread: the alignment and output modules must not need it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, SimpleITK as sitk\n"
+        "from DTNRegistrationLib.cli import commands\n"
+        "from DTNRegistrationLib.core import alignment, outputs\n"
+        "image = sitk.GaussianSource(sitk.sitkFloat32, [32] * 3, [5.0] * 3, [16.0] * 3, 100.0)\n"
+        "image.SetSpacing([2.0] * 3)\n"
+        "alignment.align(image, image)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

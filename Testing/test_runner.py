@@ -42,7 +42,7 @@ if not hasattr(ctypes, "PyDLL") or sys.platform == "win32":  # pragma: no cover
     pytest.skip("the GIL-holding emulation needs usleep from the C library", allow_module_level=True)
 
 POLL_S = 0.1  # the module's QTimer interval
-REFINE = 12  # enough work that process start-up does not dominate the timing
+REFINE = 60  # enough work (about 0.6 s of steps) that start-up does not dominate the timing or the progress
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: comparable timings on a shared machine
 _usleep = ctypes.PyDLL(None).usleep  # PyDLL: the call keeps the GIL, as Slicer's event loop does
 _usleep.argtypes = [ctypes.c_uint]

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
 from . import imaging, metrics, modality
 
 # Below this share of the fixed foreground inside the moving image's field of view, the report warns.
@@ -42,25 +41,6 @@ class MovingSupport:
         """Whether the similarity is restricted to ``valid``: a moving mask, or a field of view that misses more than
         a sliver of the fixed foreground."""
         return self.masked or self.coverage_percent < RESTRICT_BELOW_PERCENT
-
-
-def check_moving_mask(moving_mask: sitk.Image | None, moving: sitk.Image) -> None:
-    if moving_mask is None:
-        return
-    imaging.check_labels(moving_mask, "moving mask", moving)
-    array = sitk.GetArrayViewFromImage(moving_mask)
-    if not array.any():
-        raise InputError("moving mask: is empty (no voxel is set); it marks the moving image's region to match")
-    if array.all():
-        raise InputError("moving mask: every voxel is set, so it leaves nothing out; give it 0 where to leave out")
-
-
-def moving_foreground(moving: sitk.Image, moving_mask: sitk.Image | None) -> sitk.Image:
-    """The moving head or brain (Otsu), without what the moving mask leaves out."""
-    foreground = imaging.foreground_mask(moving)
-    if moving_mask is None:
-        return foreground
-    return sitk.And(sitk.Cast(foreground > 0, sitk.sitkUInt8), sitk.Cast(moving_mask > 0, sitk.sitkUInt8))
 
 
 def moving_support(
@@ -105,11 +85,12 @@ def resolve_similarity(requested: str, moving_grid, fixed_grid, support: MovingS
 
 
 def excluded_region(
-    moving_mask: sitk.Image, displacement: sitk.Image, fixed_fg: sitk.Image, jacobian: np.ndarray
+    moving_mask: sitk.Image, mapping: sitk.Transform | sitk.Image, fixed_fg: sitk.Image, jacobian: np.ndarray
 ) -> dict:
     """Folding and det J over the fixed foreground voxels that the final map sends where the moving mask is 0, and
-    that region's volume (a cavity the deformation closed would show a fixed volume much smaller than its own)."""
-    transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))
+    that region's volume (a cavity the deformation closed would show a fixed volume much smaller than its own).
+    ``mapping``: the fixed-to-moving transform, or its displacement field on the fixed grid."""
+    transform = mapping if isinstance(mapping, sitk.Transform) else sitk.DisplacementFieldTransform(sitk.Image(mapping))
     left_out = sitk.Cast(moving_mask == 0, sitk.sitkUInt8)
     warped = sitk.Resample(left_out, fixed_fg, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     region = (sitk.GetArrayViewFromImage(warped) > 0) & (sitk.GetArrayViewFromImage(fixed_fg) > 0)
@@ -130,9 +111,7 @@ __all__ = [
     "LOW_COVERAGE_PERCENT",
     "RESTRICT_BELOW_PERCENT",
     "MovingSupport",
-    "check_moving_mask",
     "excluded_region",
-    "moving_foreground",
     "moving_support",
     "resolve_similarity",
 ]

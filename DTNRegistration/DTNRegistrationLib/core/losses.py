@@ -51,11 +51,32 @@ def ncc_fixed_statistics(fixed: torch.Tensor, window: int) -> tuple[torch.Tensor
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a cubic window truncated at the borders, as three 1-D average poolings."""
+    """Mean over a cubic window truncated at the borders: per axis, a sum of ``window`` shifted slices of the
+    zero-padded volume, then one division by the number of voxels each window holds.
+
+    The same values as three 1-D ``avg_pool3d`` (to 2e-7), 2.4x faster forward and backward on a CPU (a 2 mm
+    refinement step: about 80 ms less, docs/benchmarks.md).
+    """
     p = window // 2
-    x = F.avg_pool3d(x, (window, 1, 1), stride=1, padding=(p, 0, 0), count_include_pad=False)
-    x = F.avg_pool3d(x, (1, window, 1), stride=1, padding=(0, p, 0), count_include_pad=False)
-    return F.avg_pool3d(x, (1, 1, window), stride=1, padding=(0, 0, p), count_include_pad=False)
+    count = torch.ones((), dtype=x.dtype, device=x.device)
+    for axis in (2, 3, 4):
+        n = x.shape[axis]
+        padding = [0] * 6
+        padding[2 * (4 - axis)] = padding[2 * (4 - axis) + 1] = p  # F.pad lists the last axis first
+        padded = F.pad(x, padding)
+        x = padded.narrow(axis, 0, n) + padded.narrow(axis, 1, n)
+        for k in range(2, window):
+            x = x + padded.narrow(axis, k, n)
+        shape = [1] * 5
+        shape[axis] = n
+        count = count * _window_counts(n, p).to(x).view(shape)
+    return x / count
+
+
+def _window_counts(n: int, p: int) -> torch.Tensor:
+    """How many of ``n`` voxels a window of radius ``p`` holds at each position (fewer at the borders)."""
+    index = torch.arange(n)
+    return (torch.clamp(index + p, max=n - 1) - torch.clamp(index - p, min=0) + 1).float()
 
 
 def gradient_smoothness(v: torch.Tensor, per_sample: bool = False) -> torch.Tensor:

@@ -16,14 +16,42 @@ def dice(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = None) -> d
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    counts = _label_counts(a, b)
     if labels is None:
-        labels = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
+        labels = sorted(set(counts) - {0}) if counts is not None else sorted((_present(a) | _present(b)) - {0})
     out = {}
     for lab in labels:
-        ia, ib = a == lab, b == lab
-        denom = int(ia.sum()) + int(ib.sum())
-        out[int(lab)] = float(2.0 * np.logical_and(ia, ib).sum() / denom) if denom else float("nan")
+        if counts is not None:
+            in_a, in_b, both = counts.get(int(lab), (0, 0, 0))
+        else:
+            ia, ib = a == lab, b == lab
+            in_a, in_b, both = int(ia.sum()), int(ib.sum()), int(np.logical_and(ia, ib).sum())
+        denom = in_a + in_b
+        out[int(lab)] = float(2.0 * both / denom) if denom else float("nan")
     return out
+
+
+def _present(a: np.ndarray) -> set:
+    """The values of a label map (a histogram for small non-negative integers: no sort)."""
+    if np.issubdtype(a.dtype, np.integer) and a.size and 0 <= a.min() and a.max() < 2**20:
+        return set(np.flatnonzero(np.bincount(a.ravel())).tolist())
+    return set(np.unique(a).tolist())
+
+
+def _label_counts(a: np.ndarray, b: np.ndarray) -> dict[int, tuple[int, int, int]] | None:
+    """Voxels of each label in ``a``, in ``b`` and in both, by three histograms: one pass over the maps instead
+    of three per label (a 1 mm FreeSurfer map has ~40 labels). None for maps that are not small non-negative
+    integers."""
+    if not (np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)) or a.size == 0:
+        return None
+    a, b = a.ravel(), b.ravel()
+    low, high = min(int(a.min()), int(b.min())), max(int(a.max()), int(b.max()))
+    if low < 0 or high >= 2**20:
+        return None
+    in_a, in_b = np.bincount(a, minlength=high + 1), np.bincount(b, minlength=high + 1)
+    both = np.bincount(a[a == b], minlength=high + 1)
+    present = np.flatnonzero(in_a + in_b)
+    return {int(k): (int(in_a[k]), int(in_b[k]), int(both[k])) for k in present}
 
 
 def mean_dice(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = None) -> float:
@@ -40,7 +68,7 @@ def label_dice(warped: np.ndarray, fixed: np.ndarray, moving: np.ndarray) -> dic
     and scores 0; one that the warp made vanish from both scores NaN and is left out of means.
     """
     fixed, moving = np.asarray(fixed), np.asarray(moving)
-    labels = sorted((set(np.unique(fixed).tolist()) | set(np.unique(moving).tolist())) - {0})
+    labels = sorted((_present(fixed) | _present(moving)) - {0})
     return dice(warped, fixed, labels)
 
 
@@ -76,14 +104,14 @@ def physical_jacobian_determinant(
         raise ValueError(f"expected a (K, J, I, 3) vector field, got shape {field.shape}")
     _check_thick(field.shape[:3])
     to_physical = torch.from_numpy(np.linalg.inv(np.reshape(direction, (3, 3)) @ np.diag(spacing)).astype(np.float32))
-    values = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))
-    out = torch.empty(values.shape[:3], dtype=torch.float32)
+    out = torch.empty(field.shape[:3], dtype=torch.float32)
     # Slabs of a few K-slices (plus one slice of halo each side, so interior derivatives stay central): the
-    # temporaries stay in cache; 3-4x faster than the whole volume at once on a 1 mm brain, same values.
-    for start in range(0, values.shape[0], JACOBIAN_SLAB):
-        stop = min(values.shape[0], start + JACOBIAN_SLAB)
-        low, high = max(0, start - 1), min(values.shape[0], stop + 1)
-        block = values[low:high]
+    # temporaries stay in cache; 3-4x faster than the whole volume at once on a 1 mm brain, same values. Each slab
+    # is converted to float32 on its own, so a float64 field is never copied whole.
+    for start in range(0, field.shape[0], JACOBIAN_SLAB):
+        stop = min(field.shape[0], start + JACOBIAN_SLAB)
+        low, high = max(0, start - 1), min(field.shape[0], stop + 1)
+        block = torch.from_numpy(np.ascontiguousarray(field[low:high], dtype=np.float32))
         keep = slice(start - low, stop - low)
         dk, dj, di = torch.gradient(block, dim=(0, 1, 2))  # K >= 2 (checked), so every block has 2+ slices
         grad_index = torch.stack([di[keep], dj[keep], dk[keep]], dim=-1)  # [..., component, index axis i/j/k]

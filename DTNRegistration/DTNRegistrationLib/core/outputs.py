@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .. import __version__
 from ..errors import InputError
@@ -157,6 +156,8 @@ def file_fingerprint(path: str | os.PathLike | None) -> dict | None:
 
 
 def versions() -> dict:
+    import torch  # here, not at the top: the command line imports this module while torch loads in a thread
+
     return {
         "dtnregistration": __version__,
         "torch": torch.__version__,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import Cancelled, InputError
 from ..options import DEFAULT_PRESET, RegistrationOptions, check_device
-from . import coverage, deformation, imaging, metrics, spatial
+from . import alignment, coverage, deformation, imaging, metrics, spatial
 from .models import LoadedModel, load_model
 from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level
 from .result import RegistrationResult
@@ -85,32 +85,32 @@ def register(
     inverse: bool = True,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    prepared: alignment.Alignment | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``; see the module docstring and docs/engine-interfaces.md.
 
     The options (alpha to affine) are checked by :class:`~DTNRegistrationLib.options.RegistrationOptions`.
+    ``prepared``: the result of ``alignment.align`` on the same inputs and ``affine`` option, made beforehand (the
+    command line makes it while torch loads); the images and masks then come from it.
     """
     start = time.perf_counter()
     options = RegistrationOptions(
         alpha=alpha, device=device, preset=preset, refine=refine, refine_similarity=refine_similarity, affine=affine
     )
-    stages = _Stages(progress, cancel)
-    stages.begin("validate", 0.0, "checking inputs")
-    moving, fixed = _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask)
-    coverage.check_moving_mask(moving_mask, moving)
     torch_device = resolve_device(options.device)
-    stages.begin("load_model", 0.02, "loading model")
+    aligned_before = prepared is not None
+    if prepared is None:
+        inputs = dict(moving_labels=moving_labels, fixed_labels=fixed_labels, mask=mask, moving_mask=moving_mask)
+        prepared = alignment.align(moving, fixed, **inputs, affine=options.affine, progress=progress, cancel=cancel)
+    moving, fixed, fixed_fg, moving_fg = prepared.moving, prepared.fixed, prepared.fixed_fg, prepared.moving_fg
+    transform = prepared.transform
+    stages = _Stages(progress, cancel)
+    stages.timings.update(prepared.timings)
+    stages.begin("load_model", 0.1, "loading model")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     cfg = loaded.config
     alpha = float(cfg.alpha if options.alpha is None else options.alpha)
     schedule = refinement_schedule(options.preset, options.refine).for_image_spacing(min(fixed.GetSpacing()))
-
-    stages.begin("affine", 0.05, "affine initialisation")
-    fixed_fg = imaging.foreground_mask(fixed) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
-    moving_fg = coverage.moving_foreground(moving, moving_mask)
-    transform = sitk.AffineTransform(3)
-    if options.affine:
-        transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg)
 
     stages.begin("preprocess", 0.2, "resampling onto the model grid")
     factor = work_grid_factor(loaded.spacing_mm)
@@ -170,13 +170,14 @@ def register(
         forward = loaded.model.displacement(velocity, shape)
         backward = loaded.model.displacement(velocity, shape, inverse=True) if inverse else None
     forward_field = deformation.field_image(forward, reference, deformation.corners(fixed))
-    displacement = deformation.full_map(forward_field, transform, fixed)
+    mapping = deformation.full_transform(forward_field, transform)  # warps and resamples without the full field
+    displacement = deformation.field_of(mapping, fixed)
     inverse_map = None
     if backward is not None:
         moving_corners = deformation.corners(moving, transform.GetInverse())  # where the inverse field is evaluated
         inverse_field = deformation.field_image(backward, reference, moving_corners)
         inverse_map = deformation.full_map(inverse_field, transform.GetInverse(), moving, inverse=True)
-    warped = sitk.Resample(moving, fixed, imaging.field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped = sitk.Resample(moving, fixed, mapping, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     jac_array = metrics.physical_jacobian_determinant(
         sitk.GetArrayViewFromImage(displacement), fixed.GetSpacing(), fixed.GetDirection()
     )
@@ -187,12 +188,12 @@ def register(
     warped_labels = None
     report = {**_field_metrics(jac_array, mask), **refine_info}
     if moving_mask is not None:
-        report["moving_mask_excluded"] = coverage.excluded_region(moving_mask, displacement, fixed_fg, jac_array)
+        report["moving_mask_excluded"] = coverage.excluded_region(moving_mask, mapping, fixed_fg, jac_array)
     if moving_labels is not None:
         warped_labels = sitk.Resample(
             moving_labels,
             fixed,
-            imaging.field_transform(displacement),
+            mapping,
             sitk.sitkNearestNeighbor,
             0,
             moving_labels.GetPixelID(),
@@ -200,7 +201,8 @@ def register(
         if fixed_labels is not None:
             report.update(_dice_metrics(warped_labels, fixed_labels, moving_labels))
     stages.end()
-    stages.timings["total"] = round(time.perf_counter() - start, 3)
+    before = sum(prepared.timings.values()) if aligned_before else 0.0
+    stages.timings["total"] = round(time.perf_counter() - start + before, 3)
     if progress is not None:
         progress(1.0, "done")
     return RegistrationResult(
@@ -224,29 +226,6 @@ def work_grid_factor(network_spacing_mm: float) -> int:
     ratio = network_spacing_mm / WORK_SPACING_MM
     factor = round(ratio)
     return factor if factor > 1 and abs(ratio - factor) < 1e-6 else 1
-
-
-def _checked_inputs(moving, fixed, moving_labels, fixed_labels, mask):
-    checked = []
-    for what, image in (("moving image", moving), ("fixed image", fixed)):
-        if not isinstance(image, sitk.Image):
-            raise InputError(f"{what}: expected a SimpleITK image, got {type(image).__name__}")
-        image = imaging.squeeze_to_3d(image, what)
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise InputError(f"{what}: has {image.GetNumberOfComponentsPerPixel()} components; expected a scalar")
-        image = sitk.Cast(image, sitk.sitkFloat32)
-        imaging.check_image(image, what)
-        checked.append(image)
-    moving, fixed = checked
-    if moving_labels is not None:
-        imaging.check_labels(moving_labels, "moving labels", moving)
-    if fixed_labels is not None:
-        imaging.check_labels(fixed_labels, "fixed labels", fixed)
-    if mask is not None:
-        imaging.check_labels(mask, "mask", fixed)
-        if not sitk.GetArrayViewFromImage(mask).any():
-            raise InputError("mask: is empty (no voxel is set)")
-    return moving, fixed
 
 
 def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
