@@ -99,10 +99,10 @@ def known_deformation(image: sitk.Image, labels: sitk.Image, seed: int) -> tuple
     change of the intensities: a pair whose true correspondence is known."""
     import torch
 
-    gen = synth.make_generator(seed)
     array = torch.from_numpy(sitk.GetArrayFromImage(image))[None, None]
     label_array = torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.int64))[None, None]
-    u = synth.random_deformation(gen, 1, tuple(array.shape[2:]), 6.0, 24)
+    shape = tuple(array.shape[2:])
+    u = spatial.resize_field(spatial.integrate(known_velocity(shape, seed)), shape)
     warped = spatial.warp(array, u).clamp_min(0)
     warped = (warped / warped.max()) ** float(np.exp(0.2 * (seed % 3 - 1))) * 100.0
     out, out_labels = (
@@ -112,6 +112,13 @@ def known_deformation(image: sitk.Image, labels: sitk.Image, seed: int) -> tuple
     out.CopyInformation(image)
     out_labels.CopyInformation(labels)
     return out, out_labels
+
+
+def known_velocity(shape: tuple[int, int, int], seed: int):
+    """The velocity (voxels of the half-resolution grid of ``shape``) whose exponential, brought onto ``shape``, is
+    ``known_deformation``'s displacement: what ``synth.random_deformation`` draws, kept so the truth can be used."""
+    half = tuple(max(2, n // 2) for n in shape)
+    return synth.random_velocity(synth.make_generator(seed), 1, half, 6.0 * half[0] / shape[0], 24 / 2)
 
 
 def _squeeze(image: sitk.Image) -> sitk.Image:
