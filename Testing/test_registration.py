@@ -344,13 +344,15 @@ def test_a_prepared_alignment_is_used_as_given_and_its_steps_are_timed(known_pai
 
 
 def test_reading_and_aligning_import_no_torch():
-    """The command line aligns while torch loads in a thread: the alignment and output modules must not need it."""
+    """The command line aligns while torch loads in a thread: its parser (all subcommands, train and evaluate
+    included), the alignment and the output modules must not need it; the similarity names match the losses."""
     import subprocess
     import sys
 
     script = (
         "import sys, SimpleITK as sitk\n"
-        "from DTNRegistrationLib.cli import commands\n"
+        "from DTNRegistrationLib.cli import arguments, commands\n"
+        "arguments.build_parser().parse_args(['register', '--moving', 'm', '--fixed', 'f', '--output-dir', 'o'])\n"
         "from DTNRegistrationLib.core import alignment, outputs\n"
         "image = sitk.GaussianSource(sitk.sitkFloat32, [32] * 3, [5.0] * 3, [16.0] * 3, 100.0)\n"
         "image.SetSpacing([2.0] * 3)\n"
@@ -359,3 +361,7 @@ def test_reading_and_aligning_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+    from DTNRegistrationLib.core import losses
+    from DTNRegistrationLib.options import SIMILARITY_TERMS
+
+    assert set(losses.SIMILARITIES) == set(SIMILARITY_TERMS)

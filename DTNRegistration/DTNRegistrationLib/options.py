@@ -23,7 +23,9 @@ PRESET_NAMES = ("fast", "accurate")
 DEFAULT_PRESET = "fast"
 # Refinement similarities (core.losses.SIMILARITIES and auto). auto: local NCC when both images have one contrast,
 # normalised gradient fields when their intensities at corresponding points clearly disagree (core/modality.py).
-SIMILARITY_NAMES = ("auto", "ncc", "ngf", "mind", "l1", "mse")
+# The similarity terms themselves (core.losses.SIMILARITIES; training chooses among these), named here without torch.
+SIMILARITY_TERMS = ("ncc", "ngf", "mind", "l1", "mse")
+SIMILARITY_NAMES = ("auto", *SIMILARITY_TERMS)
 DEFAULT_SIMILARITY = "auto"
 # Devices: auto picks CUDA when torch sees a GPU; "cuda:N" names one GPU.
 DEVICE_NAMES = ("auto", "cuda", "cpu")
@@ -149,6 +151,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "PRESET_NAMES",
     "SIMILARITY_NAMES",
+    "SIMILARITY_TERMS",
     "RegistrationOptions",
     "check_device",
 ]

@@ -9,10 +9,8 @@ import logging
 import os
 import sys
 
-from ..core import losses
-from .checkpoints import load_state
+from ..options import SIMILARITY_TERMS
 from .config import DATA_FIELDS, TrainConfig
-from .trainer import train
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
@@ -86,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_json_dict,
         metavar="JSON",
     )
-    _opt("similarity", "similarity term", choices=sorted(losses.SIMILARITIES))
+    _opt("similarity", "similarity term", choices=sorted(SIMILARITY_TERMS))
     _opt("dice-weight", "weight of the soft Dice term on labelled (synthetic) pairs", type=float)
     _flag(g, "dice-real", "also use real label maps in the Dice term")
     _opt("lr", "Adam learning rate", type=float)
@@ -130,6 +128,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)} | set(DATA_FIELDS)
     given = {k: v for k, v in vars(args).items() if k in known}
     if given.get("resume"):
+        from .checkpoints import load_state  # torch: not needed to build the parser
+
         state = load_state(given["resume"])
         base = json.loads(state["train_config"])
         base.setdefault("output_dir", given["resume"])
@@ -154,6 +154,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = config_from_args(args)
+        from .trainer import train
+
         final = train(cfg)
     except (ValueError, FloatingPointError) as err:  # InputError, DataError and ModelError are ValueErrors
         print(f"dtnreg train: error: {err}", file=sys.stderr)

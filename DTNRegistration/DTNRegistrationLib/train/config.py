@@ -1,6 +1,7 @@
 """What a training run depends on: the data (``DatasetSpec``) and everything else (``TrainConfig``).
 
-SimpleITK-free, so that a job without SimpleITK (scripts/gpu_job.py) builds its configuration.
+SimpleITK-free, so that a job without SimpleITK (scripts/gpu_job.py) builds its configuration, and torch-free, so
+that building `dtnreg`'s argument parser does not load torch (the register command loads it in a thread).
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..core import losses
-from ..core.network import DTNConfig
-from ..options import ALPHA_RANGE, DEFAULT_ALPHA
+from ..options import ALPHA_RANGE, DEFAULT_ALPHA, SIMILARITY_TERMS
+
+if TYPE_CHECKING:
+    from ..core.network import DTNConfig
 
 Shape = tuple[int, int, int]
 
@@ -95,8 +98,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if len(self.data.shape) != 3 or any(n <= 0 or n % 16 for n in self.data.shape):
             raise ValueError(f"shape must be 3 sizes, each a multiple of 16, got {self.data.shape}")
-        if self.similarity not in losses.SIMILARITIES:
-            raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {sorted(losses.SIMILARITIES)}")
+        if self.similarity not in SIMILARITY_TERMS:
+            raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {sorted(SIMILARITY_TERMS)}")
         if not (0 < self.alpha_range[0] <= self.alpha_range[1]):
             raise ValueError(f"alpha range must be 0 < low <= high, got {self.alpha_range}")
         reserved = {"variant", "alpha_conditioned", "alpha", "alpha_range"} & set(self.model_options)
@@ -123,6 +126,8 @@ class TrainConfig:
         return cls(data=DatasetSpec(**data), **{k: v for k, v in values.items() if k in known})
 
     def model_config(self) -> DTNConfig:
+        from ..core.network import DTNConfig
+
         return DTNConfig(
             **self.model_options,
             variant=self.variant,
