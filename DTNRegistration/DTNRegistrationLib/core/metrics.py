@@ -34,7 +34,7 @@ def dice(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = None) -> d
 
 def _present(a: np.ndarray) -> set:
     """The values of a label map (a histogram for small non-negative integers: no sort)."""
-    if np.issubdtype(a.dtype, np.integer) and a.size and 0 <= a.min() and a.max() < 2**20:
+    if _histogram_labels(a):
         return set(np.flatnonzero(np.bincount(a.ravel())).tolist())
     return set(np.unique(a).tolist())
 
@@ -43,16 +43,19 @@ def _label_counts(a: np.ndarray, b: np.ndarray) -> dict[int, tuple[int, int, int
     """Voxels of each label in ``a``, in ``b`` and in both, by three histograms: one pass over the maps instead
     of three per label (a 1 mm FreeSurfer map has ~40 labels). None for maps that are not small non-negative
     integers."""
-    if not (np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)) or a.size == 0:
+    if not (_histogram_labels(a) and _histogram_labels(b)):
         return None
     a, b = a.ravel(), b.ravel()
-    low, high = min(int(a.min()), int(b.min())), max(int(a.max()), int(b.max()))
-    if low < 0 or high >= 2**20:
-        return None
-    in_a, in_b = np.bincount(a, minlength=high + 1), np.bincount(b, minlength=high + 1)
-    both = np.bincount(a[a == b], minlength=high + 1)
+    length = max(int(a.max()), int(b.max())) + 1
+    in_a, in_b = np.bincount(a, minlength=length), np.bincount(b, minlength=length)
+    both = np.bincount(a[a == b], minlength=length)
     present = np.flatnonzero(in_a + in_b)
     return {int(k): (int(in_a[k]), int(in_b[k]), int(both[k])) for k in present}
+
+
+def _histogram_labels(a: np.ndarray) -> bool:
+    """Whether ``a`` can be counted by ``np.bincount``: non-empty, integers from 0 to below 2^20."""
+    return bool(np.issubdtype(a.dtype, np.integer) and a.size and 0 <= a.min() and a.max() < 2**20)
 
 
 def mean_dice(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None = None) -> float:
