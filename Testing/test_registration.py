@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -332,7 +334,7 @@ def test_a_prepared_alignment_is_used_as_given_and_its_steps_are_timed(known_pai
     prepared = alignment.align(known_pair["moving"], known_pair["fixed"], affine=False)
     shifted = sitk.AffineTransform(3)
     shifted.SetTranslation((3.0, 0.0, 0.0))
-    prepared = alignment.Alignment(**{**prepared.__dict__, "transform": shifted})
+    prepared = dataclasses.replace(prepared, transform=shifted)
     result = registration.register(
         known_pair["moving"], known_pair["fixed"], model=tiny_model, refine=0, inverse=False, prepared=prepared
     )

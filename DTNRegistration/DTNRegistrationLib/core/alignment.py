@@ -43,28 +43,42 @@ def align(
     cancel: Callable[[], bool] | None = None,
 ) -> Alignment:
     """Check the inputs (``InputError`` naming the problem) and find the affine start of the registration."""
-    timings = {}
-    start = time.perf_counter()
-    _announce(progress, cancel, 0.0, "checking inputs")
+    stages = Stages(progress, cancel)
+    stages.begin("validate", 0.0, "checking inputs")
     moving, fixed = checked_inputs(moving, fixed, moving_labels, fixed_labels, mask)
     check_moving_mask(moving_mask, moving)
-    timings["validate"] = round(time.perf_counter() - start, 3)
-    start = time.perf_counter()
-    _announce(progress, cancel, 0.05, "affine initialisation")
+    stages.begin("affine", 0.05, "affine initialisation")
     fixed_fg = imaging.foreground_mask(fixed) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
     moving_fg = moving_foreground(moving, moving_mask)
     transform = sitk.AffineTransform(3)
     if affine:
         transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg)
-    timings["affine"] = round(time.perf_counter() - start, 3)
-    return Alignment(moving, fixed, fixed_fg, moving_fg, transform, timings)
+    stages.end()
+    return Alignment(moving, fixed, fixed_fg, moving_fg, transform, stages.timings)
 
 
-def _announce(progress, cancel, fraction: float, message: str) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("registration cancelled")
-    if progress is not None:
-        progress(fraction, message)
+class Stages:
+    """Timing, progress and cancel checks for the stages of one registration (here and in ``register()``)."""
+
+    def __init__(self, progress, cancel) -> None:
+        self.progress, self.cancel, self.timings = progress, cancel, {}
+        self._name, self._start = None, time.perf_counter()
+
+    def begin(self, name: str, fraction: float, message: str) -> None:
+        self.end()
+        self.check_cancel()
+        if self.progress is not None:
+            self.progress(fraction, message)
+        self._name, self._start = name, time.perf_counter()
+
+    def end(self) -> None:
+        if self._name is not None:
+            self.timings[self._name] = round(time.perf_counter() - self._start, 3)
+            self._name = None
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("registration cancelled")
 
 
 def checked_inputs(moving, fixed, moving_labels=None, fixed_labels=None, mask=None) -> tuple[sitk.Image, sitk.Image]:
@@ -110,4 +124,4 @@ def moving_foreground(moving: sitk.Image, moving_mask: sitk.Image | None) -> sit
     return sitk.And(sitk.Cast(foreground > 0, sitk.sitkUInt8), sitk.Cast(moving_mask > 0, sitk.sitkUInt8))
 
 
-__all__ = ["Alignment", "align", "check_moving_mask", "checked_inputs", "moving_foreground"]
+__all__ = ["Alignment", "Stages", "align", "check_moving_mask", "checked_inputs", "moving_foreground"]

@@ -42,31 +42,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-class _Stages:
-    """Timing, progress and cancel checks for the stages of one registration."""
-
-    def __init__(self, progress, cancel) -> None:
-        self.progress, self.cancel, self.timings = progress, cancel, {}
-        self._name, self._start = None, time.perf_counter()
-
-    def begin(self, name: str, fraction: float, message: str) -> None:
-        self.end()
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("registration cancelled")
-        if self.progress is not None:
-            self.progress(fraction, message)
-        self._name, self._start = name, time.perf_counter()
-
-    def end(self) -> None:
-        if self._name is not None:
-            self.timings[self._name] = round(time.perf_counter() - self._start, 3)
-            self._name = None
-
-    def check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("registration cancelled")
-
-
 def register(
     moving: sitk.Image,
     fixed: sitk.Image,
@@ -93,18 +68,17 @@ def register(
     ``prepared``: the result of ``alignment.align`` on the same inputs and ``affine`` option, made beforehand (the
     command line makes it while torch loads); the images and masks then come from it.
     """
-    start = time.perf_counter()
     options = RegistrationOptions(
         alpha=alpha, device=device, preset=preset, refine=refine, refine_similarity=refine_similarity, affine=affine
     )
     torch_device = resolve_device(options.device)
-    aligned_before = prepared is not None
     if prepared is None:
         inputs = dict(moving_labels=moving_labels, fixed_labels=fixed_labels, mask=mask, moving_mask=moving_mask)
         prepared = alignment.align(moving, fixed, **inputs, affine=options.affine, progress=progress, cancel=cancel)
     moving, fixed, fixed_fg, moving_fg = prepared.moving, prepared.fixed, prepared.fixed_fg, prepared.moving_fg
     transform = prepared.transform
-    stages = _Stages(progress, cancel)
+    start = time.perf_counter()  # the total adds the alignment's own steps, made here or beforehand
+    stages = alignment.Stages(progress, cancel)
     stages.timings.update(prepared.timings)
     stages.begin("load_model", 0.1, "loading model")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -201,8 +175,7 @@ def register(
         if fixed_labels is not None:
             report.update(_dice_metrics(warped_labels, fixed_labels, moving_labels))
     stages.end()
-    before = sum(prepared.timings.values()) if aligned_before else 0.0
-    stages.timings["total"] = round(time.perf_counter() - start + before, 3)
+    stages.timings["total"] = round(time.perf_counter() - start + sum(prepared.timings.values()), 3)
     if progress is not None:
         progress(1.0, "done")
     return RegistrationResult(
