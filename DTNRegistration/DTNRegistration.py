@@ -75,10 +75,10 @@ two images globally; a decoder predicts a stationary velocity field v, integrate
 deformation exp(v), which is invertible (diffeomorphic). Test-time refinement then optimises the velocity on this
 pair (local normalised cross-correlation + alpha times the velocity's smoothness), coarse to fine.</p>
 <p><b>Quality</b>: <i>Fast</i> (the default) refines at 4 and 2 mm: seconds on a GPU, about 10 s for a 1 mm brain
-on a laptop CPU; pick it for most work and for every interactive check. <i>Accurate</i> adds a level on a 1 mm grid:
-several times slower on a CPU, it aligns small structures (cortex, ventricles, deep nuclei) more closely; pick it
-for label propagation and measurements you will report. Advanced &gt; Custom refinement sets a number of steps on
-the 2 mm grid instead (0: the network's prediction alone).</p>
+on a laptop CPU; pick it for most work and for every interactive check. <i>Accurate</i> adds a level on a 1 mm grid
+and keeps the deformation smoother (it fits image noise less): several times slower on a CPU, it aligns the anatomy
+more closely; pick it for label propagation and measurements you will report. Advanced &gt; Custom refinement sets
+a number of steps on the 2 mm grid instead (0: the network's prediction alone).</p>
 <p><b>Inputs</b>: a moving and a fixed volume (any orientation; an affine initialisation runs first),
 optionally a segmentation of the moving volume to propagate, a mask of the fixed volume and, under Advanced, what
 the fixed volume lacks (a lesion or resection cavity in the moving volume: left out of the matching, so it does not
@@ -161,7 +161,7 @@ class DTNRegistrationParameterNode:
     movingVolume, fixedVolume: the images to register (moving onto fixed).
     movingSegmentation: optional segmentation of the moving volume, propagated onto the fixed one.
     alpha: smoothness weight; device: auto, cuda or cpu; model: shipped model name or weights file ("" default).
-    preset: refinement schedule, fast (coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level);
+    preset: refinement schedule, fast (coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level, smoother);
     customRefinement, refineSteps: instead of the preset, this many steps on the 2 mm grid (0: the network alone);
     refineSimilarity: auto (ncc for one contrast, ngf when the contrasts differ), ncc, ngf, mind, l1 or mse;
     affine: affine initialisation; mask: optional fixed-image mask; movingExclusion: optional label map or

@@ -316,6 +316,23 @@ def test_levels_finer_than_the_fixed_image_are_left_out():
     assert accurate.for_image_spacing(8.0).spacings == [4.0]  # coarser than every level: the coarsest stays
 
 
+def test_a_schedules_smoothness_weights_the_refinement_objective(known_pair, tiny_model, monkeypatch):
+    """The preset's smoothness multiplies alpha in the NCC refinement (reported as refine_alpha): a smoother
+    schedule gives a more regular map (lower SDlogJ), from the same start, on the same pair."""
+    from DTNRegistrationLib.core import refinement
+
+    results = {}
+    for smoothness in (1.0, 10.0):
+        schedule = dataclasses.replace(refinement.PRESETS["fast"], smoothness=smoothness)
+        monkeypatch.setitem(refinement.PRESETS, "fast", schedule)
+        results[smoothness] = register_pair(known_pair, tiny_model, preset="fast", alpha=0.1, refine_similarity="ncc")
+    rough, smooth = results[1.0].metrics, results[10.0].metrics
+    assert rough["refine_alpha"] == pytest.approx(0.1) and smooth["refine_alpha"] == pytest.approx(1.0)
+    assert smooth["sd_log_jacobian"] < 0.8 * rough["sd_log_jacobian"], (smooth, rough)
+    assert refinement.PRESETS["fast"].for_image_spacing(8.0).smoothness == 10.0  # kept when levels are dropped
+    assert refinement.PRESETS["fast"].refinement_alpha(0.1, "ngf") == 0.1  # NGF and MIND keep their tuned alpha
+
+
 def test_a_fixed_mask_is_grown_so_that_the_brain_edge_counts():
     mask = torch.zeros(1, 1, 20, 20, 20)
     mask[..., 8:12, 8:12, 8:12] = 1

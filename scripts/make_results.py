@@ -265,8 +265,9 @@ inputs are reused, with the times of the run that computed them (delete the cach
 - Transformer-free baseline (the paper's VM_dif-like ablation, variant `none`): {baseline}.
 - DTN rows: the network alone (`--refine 0`), the `fast` preset (the default: refinement at 4 and 2 mm), the
   `accurate` preset (40 + 20 steps at 4 and 2 mm; its 1 mm level is dropped on these 2 mm images), and 25 steps on
-  the 2 mm grid (the default before the presets). The 1 mm comparison with both peers, presets and times on a quiet
-  machine: docs/benchmarks.md, section 2.
+  the 2 mm grid (the default before the presets). The presets weigh the smoothness term 3x (fast) and 10x
+  (accurate) the run's alpha in their refinement; the network and `--refine N` use alpha itself. The 1 mm
+  comparison with both peers, presets and times on a quiet machine: docs/benchmarks.md, section 2.
 - PICSL greedy (`pip install picsl_greedy`): affine with normalised mutual information from a centre-of-mass start,
   then deformable NCC 2x2x2, 100x50x10 iterations, on the full grid, all threads
   (`DTNRegistrationLib/evaluate/classical.py`).

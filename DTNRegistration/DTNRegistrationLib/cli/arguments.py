@@ -32,7 +32,8 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=PRESET_NAMES,
         default=None,
-        help="refinement schedule: fast (default; coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level)",
+        help="refinement schedule: fast (default; coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level, "
+        "smoother map)",
     )
     parser.add_argument(
         "--refine", type=int, default=None, help="N steps on the 2 mm grid instead of the preset (0: network alone)"

@@ -34,11 +34,18 @@ class RefineLevel:
 @dataclass(frozen=True)
 class Schedule:
     """A refinement schedule; ``tolerance`` stops a level early once the objective's relative decrease over the
-    last ``patience`` steps falls below it (0 = always run every step)."""
+    last ``patience`` steps falls below it (0 = always run every step). ``smoothness`` multiplies the run's alpha
+    in the NCC refinement objective (the network keeps the run's own alpha, the one it was trained with)."""
 
     levels: tuple[RefineLevel, ...]
     tolerance: float = 0.0
     patience: int = 5
+    smoothness: float = 1.0
+
+    def refinement_alpha(self, alpha: float, similarity: str = "ncc") -> float:
+        """The weight of ||grad v||^2 in this schedule's objective for a run with ``alpha``. The smoothness was
+        measured with NCC; NGF and MIND were tuned at the run's alpha (docs/cross-contrast.md) and keep it."""
+        return alpha * self.smoothness if similarity == "ncc" else alpha
 
     def for_image_spacing(self, spacing_mm: float) -> Schedule:
         """The schedule without levels finer than the fixed image itself: a 1 mm level on 2 mm data has no more
@@ -46,7 +53,7 @@ class Schedule:
         kept = tuple(level for level in self.levels if level.spacing_mm >= spacing_mm * 0.99 - 1e-6)
         if not kept:  # data coarser than every level: keep the coarsest
             kept = self.levels[:1]
-        return Schedule(kept, self.tolerance, self.patience)
+        return Schedule(kept, self.tolerance, self.patience, self.smoothness)
 
     @property
     def steps(self) -> int:
@@ -67,10 +74,16 @@ def single_level(steps: int, spacing_mm: float, window: int = 9, learning_rate: 
 # accurate adds 10 steps on a 1 mm grid. fast is sized for 10 s end to end on two cores: 30 + 8 steps scored 0.005
 # higher on the 1 mm pairs but took about 1 s more. Tried and not kept: windows of 3, velocity grids as fine as the
 # images, more 4 mm steps, smoothed gradients, normalised gradient descent instead of Adam, a smaller alpha.
+# Smoothness (issue 17; docs/benchmarks.md, section 3): with the paper's alpha (0.1) the refined maps fit noise and
+# intensity differences (SDlogJ 0.36 on the synthetic pairs, PICSL greedy's 0.19) and miss known deformations.
+# Refinement alpha x3 (fast) and x10 (accurate): synthetic pairs +0.011 and +0.019, known 1 mm deformations
+# +0.005 and +0.028, tissue-class pairs (labels that are intensity classes, so they reward the rougher fit)
+# -0.002 and -0.012 to -0.03. x20, an NCC window of 7, more steps and an 8 mm level scored no higher.
 PRESETS = {
-    "fast": Schedule((RefineLevel(4.0, 25, 5, 0.2, 2), RefineLevel(2.0, 5, 5, 0.12, 2))),
+    "fast": Schedule((RefineLevel(4.0, 25, 5, 0.2, 2), RefineLevel(2.0, 5, 5, 0.12, 2)), smoothness=3.0),
     "accurate": Schedule(
-        (RefineLevel(4.0, 40, 5, 0.2, 2), RefineLevel(2.0, 20, 5, 0.1, 2), RefineLevel(1.0, 10, 5, 0.1, 2))
+        (RefineLevel(4.0, 40, 5, 0.2, 2), RefineLevel(2.0, 20, 5, 0.1, 2), RefineLevel(1.0, 10, 5, 0.1, 2)),
+        smoothness=10.0,
     ),
 }
 

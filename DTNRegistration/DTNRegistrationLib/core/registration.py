@@ -119,14 +119,22 @@ def register(
     mask_t = None if mask_grid is None else similarity_region(_tensor(mask_grid, torch_device), reference)
     valid_t = torch.from_numpy(support.valid).to(torch_device)[None, None] if support.needed else None
     steps = loaded.config.integration_steps
+    refine_alpha = schedule.refinement_alpha(alpha, similarity)
     velocity, origin = better_start(
-        velocity, *pair, alpha=alpha, similarity=similarity, mask=mask_t, integration_steps=steps, moving_mask=valid_t
+        velocity,
+        *pair,
+        alpha=refine_alpha,
+        similarity=similarity,
+        mask=mask_t,
+        integration_steps=steps,
+        moving_mask=valid_t,
     )
     refine_info = {
         "start": origin,
         "preset": None if options.refine is not None else options.preset_name,
         "refine_steps": schedule.steps,
         "refine_levels_mm": schedule.spacings,
+        "refine_alpha": refine_alpha,
         "refine_similarity": similarity_note,
         "moving_coverage_percent": support.coverage_percent,
         "warnings": list(support.warnings),
@@ -134,7 +142,8 @@ def register(
     if schedule.steps:
         stages.begin("refine", 0.4, f"refining ({schedule.steps} steps)")
         levels = _pyramid(schedule, pair, reference, (moving_norm, fixed_norm), transform, torch_device)
-        velocity, taken = _refine(velocity, levels, (mask_t, valid_t), alpha, schedule, similarity, steps, stages)
+        masks = (mask_t, valid_t)
+        velocity, taken = _refine(velocity, levels, masks, refine_alpha, schedule, similarity, steps, stages)
         refine_info["refine_steps_taken"] = taken
         reference = _finest(reference, schedule)
 
