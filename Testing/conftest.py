@@ -85,6 +85,17 @@ def known_deformation_labels(shape, amplitude: float = 2.5, seed: int = 4) -> tu
     return fixed, moving
 
 
+def imports_in_fresh_process(code: str, module: str, cwd: str | None = None) -> bool:
+    """Whether running ``code`` in a new interpreter imports ``module`` (start-up and GUI-process checks)."""
+    import subprocess
+    import sys
+
+    script = f"{code}\nimport sys\nprint({module!r} in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() in ("True", "False"), out.stderr
+    return out.stdout.strip() == "True"
+
+
 def register_pair(pair: dict, model, **options):
     """``register()`` on a pair dict (moving, fixed and their labels) without affine, on the CPU, no inverse."""
     from DTNRegistrationLib.core import registration

@@ -34,6 +34,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import SimpleITK as sitk  # noqa: N813
 import slicer_scene as ss
+from conftest import imports_in_fresh_process
 
 from DTNRegistrationLib import errors, mrml
 from DTNRegistrationLib.core import refinement
@@ -389,18 +390,8 @@ def test_process_in_child_is_the_blocking_form_of_the_same_path(scene_inputs, ti
 
 def test_the_engine_modules_the_gui_imports_do_not_import_torch():
     """The panel's process reads results and environment facts without importing torch (it runs in the child)."""
-    import subprocess
-
     code = (
-        "import sys; from DTNRegistrationLib import errors; from DTNRegistrationLib.core import result; "
-        "from DTNRegistrationLib.panel import environment; "
-        "from DTNRegistrationLib.mrml import runner; print('torch' in sys.modules)"
+        "from DTNRegistrationLib import errors; from DTNRegistrationLib.core import result; "
+        "from DTNRegistrationLib.panel import environment; from DTNRegistrationLib.mrml import runner"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=str(Path(mrml.__file__).resolve().parents[2]),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.strip() == "False", out.stderr
+    assert not imports_in_fresh_process(code, "torch", cwd=str(Path(mrml.__file__).resolve().parents[2]))
