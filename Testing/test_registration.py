@@ -213,6 +213,25 @@ def test_bad_options_are_refused_before_any_work(known_pair, tiny_model):
     assert "affine initialisation" not in calls
 
 
+def test_the_work_grid_samples_a_2mm_fixed_image_on_its_voxels():
+    """The pipeline's grid for a 2 mm fixed image (a 4 mm network: a 2 mm work grid) copies the image's voxels: no
+    half-voxel blur of the fixed image before the similarity sees it (docs/benchmarks.md)."""
+    rng = np.random.default_rng(3)
+    fixed = _image(rng.integers(0, 100, SHAPE).astype(np.float32), origin=(-40.3, -50.0, -29.1))
+    head = np.zeros(SHAPE, np.uint8)
+    head[4:35, 4:35, 4:35] = 1  # odd extents: a grid centred on it falls half-way between the voxels
+    fixed_fg = sitk.GetImageFromArray(head)
+    fixed_fg.CopyInformation(fixed)
+    centred = imaging.model_reference(fixed, 2.0, multiple=32, mask=fixed_fg)
+    index = np.array(fixed.TransformPhysicalPointToContinuousIndex(centred.GetOrigin()))
+    assert np.abs(index - np.round(index)).max() > 0.4
+    grid = registration.work_grid(fixed, fixed_fg, network_spacing_mm=4.0)
+    assert grid.GetSpacing() == (2.0, 2.0, 2.0)
+    assert all(n % 32 == 0 for n in grid.GetSize())  # divisible down to the network's grid
+    index = np.array(fixed.TransformPhysicalPointToContinuousIndex(grid.GetOrigin()))
+    np.testing.assert_allclose(index, np.round(index), atol=1e-6)
+
+
 def test_coarser_grid_covers_the_same_extent():
     fine = sitk.Image([8, 6, 4], sitk.sitkFloat32)
     fine.SetSpacing((1.0, 2.0, 0.5))

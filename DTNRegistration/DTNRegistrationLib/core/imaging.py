@@ -229,6 +229,24 @@ def finer_grid(reference: sitk.Image, factor: int) -> sitk.Image:
     return fine
 
 
+def on_voxel_centres(reference: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """``reference`` moved by less than one of ``image``'s voxels so that its pyramid grid at ``image``'s own
+    (smallest) spacing has its voxel centres on ``image``'s: a 2 mm image is then copied onto a 2 mm work grid
+    instead of interpolated half-way between its voxels (a [1/2, 1/2] blur per axis), and a 1 mm image's 2 mm
+    copies are the mean of its voxel pairs. Measured: +0.011 Dice on the 2 mm synthetic pairs (docs/benchmarks.md).
+    """
+    spacing = np.array(reference.GetSpacing())
+    factor = max(1, int(round(spacing[0] / min(image.GetSpacing()))))
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    origin = np.array(reference.GetOrigin())
+    fine_origin = origin - direction @ (spacing / factor * (factor - 1) / 2.0)  # finer_grid(reference, factor)
+    index = image.TransformPhysicalPointToContinuousIndex(tuple(float(x) for x in fine_origin))
+    nearest = image.TransformContinuousIndexToPhysicalPoint(tuple(float(round(i)) for i in index))
+    snapped = sitk.Image(reference)
+    snapped.SetOrigin(tuple(float(x) for x in origin + (np.array(nearest) - fine_origin)))
+    return snapped
+
+
 def field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
     """A transform of an ITK displacement field, leaving the field itself intact (the transform takes over the
     image it is given, so it gets a copy)."""

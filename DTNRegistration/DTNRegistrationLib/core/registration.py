@@ -88,9 +88,7 @@ def register(
 
     stages.begin("preprocess", 0.2, "resampling onto the model grid")
     factor = work_grid_factor(loaded.spacing_mm)
-    reference = imaging.model_reference(
-        fixed, loaded.spacing_mm / factor, multiple=imaging.SIZE_MULTIPLE * factor, mask=fixed_fg
-    )
+    reference = work_grid(fixed, fixed_fg, loaded.spacing_mm)
     fixed_norm = imaging.normalize_intensity(fixed, fixed_fg)
     moving_norm = imaging.normalize_intensity(moving, moving_fg)
     fixed_grid = imaging.resample(fixed_norm, reference)
@@ -201,6 +199,16 @@ def register(
         alpha=alpha,
         affine=transform,
     )
+
+
+def work_grid(fixed: sitk.Image, fixed_fg: sitk.Image, network_spacing_mm: float) -> sitk.Image:
+    """The LPS-aligned work grid around the fixed foreground, its sizes divisible down to the network's grid,
+    placed so that the fixed image is sampled on it, not interpolated (``imaging.on_voxel_centres``)."""
+    factor = work_grid_factor(network_spacing_mm)
+    reference = imaging.model_reference(
+        fixed, network_spacing_mm / factor, multiple=imaging.SIZE_MULTIPLE * factor, mask=fixed_fg
+    )
+    return imaging.on_voxel_centres(reference, fixed)
 
 
 def work_grid_factor(network_spacing_mm: float) -> int:
