@@ -258,7 +258,8 @@ def refinement_schedule(preset: str | None, refine: int | None) -> Schedule:
 
 def _pyramid(schedule: Schedule, pair, reference: sitk.Image, normalised, transform, device) -> list:
     """The (moving, fixed) tensors of each level: the work grid's, average-pooled copies for coarser levels, and
-    the normalised images resampled afresh onto finer grids (same extent, stride-pyramid voxel centres)."""
+    the normalised images resampled afresh onto finer grids (same extent, stride-pyramid voxel centres; the moving
+    image with a cubic B-spline)."""
     work = reference.GetSpacing()[0]
     levels = []
     for spacing in schedule.spacings:
@@ -271,9 +272,11 @@ def _pyramid(schedule: Schedule, pair, reference: sitk.Image, normalised, transf
         else:
             fine = imaging.finer_grid(reference, int(round(1 / ratio)))
             moving_norm, fixed_norm = normalised
+            # A cubic B-spline through the affine: each step's warp interpolates the moving image again, and two
+            # linear interpolations blur it more than the fixed one (measured on the 1 mm pairs: +0.003 to +0.005)
             levels.append(
                 (
-                    _tensor(imaging.resample(moving_norm, fine, transform=transform), device),
+                    _tensor(imaging.resample(moving_norm, fine, "bspline", transform=transform), device),
                     _tensor(imaging.resample(fixed_norm, fine), device),
                 )
             )
