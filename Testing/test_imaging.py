@@ -85,3 +85,24 @@ def test_a_finer_image_lands_on_the_voxel_centres_of_the_work_grids_finer_pyrami
     np.testing.assert_allclose(values, np.round(values), atol=1e-3)
     index = np.array(image.TransformPhysicalPointToContinuousIndex(snapped.GetOrigin()))
     np.testing.assert_allclose(index - np.floor(index), 0.5, atol=1e-6)
+
+
+def test_index_map_follows_sitk_through_an_affine_between_oblique_grids():
+    grid = sitk.Image([20, 30, 40], sitk.sitkFloat32)
+    grid.SetSpacing((1.0, 1.5, 2.0))
+    grid.SetOrigin((3.0, -2.0, 7.0))
+    grid.SetDirection(sitk.VersorTransform((0.3, 0.2, 0.9), 0.7).GetMatrix())
+    image = sitk.Image([50, 40, 30], sitk.sitkFloat32)
+    image.SetSpacing((0.9, 1.1, 1.3))
+    image.SetOrigin((-20.0, 5.0, -3.0))
+    image.SetDirection((-1.0, 0, 0, 0, 0, 1.0, 0, -1.0, 0))
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.05, 0.02, -0.01, 0.03, 0.97, 0.04, -0.02, 0.01, 1.02))
+    affine.SetTranslation((1.5, -2.5, 0.8))
+    affine.SetCenter((4.0, 2.0, -6.0))
+    index_map = imaging.index_map(grid, image, affine)
+    for index in [(0, 0, 0), (19, 29, 39), (7, 12, 33)]:
+        point = affine.TransformPoint(grid.TransformIndexToPhysicalPoint(index))
+        expected = image.TransformPhysicalPointToContinuousIndex(point)[::-1]  # array order
+        got = index_map[:, :3] @ np.array(index[::-1], float) + index_map[:, 3]
+        np.testing.assert_allclose(got, expected, atol=1e-9)

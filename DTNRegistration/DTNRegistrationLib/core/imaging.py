@@ -247,6 +247,26 @@ def on_voxel_centres(reference: sitk.Image, image: sitk.Image) -> sitk.Image:
     return snapped
 
 
+def index_map(grid: sitk.Image, image: sitk.Image, transform: sitk.AffineTransform) -> np.ndarray:
+    """The (3, 4) affine map from ``grid``'s voxel indices to ``image``'s continuous ones through ``transform``
+    (``grid``'s physical points to ``image``'s), both in array order (k, j, i), as ``spatial.SeenThroughAffine``
+    reads it."""
+
+    def to_physical(im: sitk.Image) -> np.ndarray:  # index (i, j, k) -> physical, homogeneous 4 x 4
+        out = np.eye(4)
+        out[:3, :3] = np.array(im.GetDirection()).reshape(3, 3) @ np.diag(im.GetSpacing())
+        out[:3, 3] = im.GetOrigin()
+        return out
+
+    affine = np.eye(4)
+    matrix, centre = np.array(transform.GetMatrix()).reshape(3, 3), np.array(transform.GetCenter())
+    affine[:3, :3] = matrix
+    affine[:3, 3] = centre + np.array(transform.GetTranslation()) - matrix @ centre
+    itk_order = np.linalg.inv(to_physical(image)) @ affine @ to_physical(grid)
+    flip = np.eye(4)[[2, 1, 0, 3]]  # (i, j, k) <-> (k, j, i)
+    return (flip @ itk_order @ flip)[:3]
+
+
 def field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
     """A transform of an ITK displacement field, leaving the field itself intact (the transform takes over the
     image it is given, so it gets a copy)."""

@@ -120,6 +120,8 @@ def prepare_similarity(
     gradient field; MIND: both images' descriptors (the objective then warps the moving descriptors, far cheaper
     than computing them anew at every step). Where
     ``moving_mask`` is 0 the moving image is first filled in from its surroundings (:func:`fill_left_out`)."""
+    if isinstance(moving, spatial.SeenThroughAffine) and (moving_mask is not None or similarity == "mind"):
+        moving = moving.on_grid()  # filled in, or described, on the grid the objective compares on
     if moving_mask is not None:
         moving = fill_left_out(moving, moving_mask)
     if similarity == "ncc":

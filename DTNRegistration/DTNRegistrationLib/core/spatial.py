@@ -16,6 +16,7 @@ Sampling convention (used everywhere in the engine):
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,47 @@ def _axis(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
 
 
-def warp(image: torch.Tensor, u: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
+@dataclass(frozen=True)
+class SeenThroughAffine:
+    """An image on its own grid, seen from a grid of ``shape`` through an affine map of voxel indices (array order):
+    grid position ``p`` reads ``image(index_map @ [p, 1])``. Warping it samples the image once, at the affine and the
+    deformation together, instead of resampling it through the affine first and again at every step (two linear
+    interpolations: a blur that the fixed image does not have, worst where the deformation undoes a sub-voxel
+    shift; docs/benchmarks.md)."""
+
+    image: torch.Tensor  # (1, C, d, h, w)
+    index_map: torch.Tensor  # (3, 4)
+    shape: tuple[int, int, int]
+
+    def on_grid(self) -> torch.Tensor:
+        """The image resampled onto the grid (one linear interpolation): for what needs it there as a tensor."""
+        return warp(self, torch.zeros(1, 3, *self.shape, device=self.image.device, dtype=self.image.dtype))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # usable with autograd whichever mode built it first
+        return identity_grid(shape, device, dtype)
+
+
+def _sample_through(seen: SeenThroughAffine, u: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    positions = _cached_identity(tuple(u.shape[2:]), u.device, u.dtype) + u
+    matrix = seen.index_map.to(u.device, u.dtype)
+    index = torch.einsum("ij,bj...->bi...", matrix[:, :3], positions) + matrix[:, 3].view(1, 3, 1, 1, 1)
+    size = seen.image.shape[2:]
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in size], device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
+    grid = (index * scale - 1.0).flip(1).permute(0, 2, 3, 4, 1)  # (x, y, z) order in [-1, 1]
+    return F.grid_sample(seen.image.to(u.dtype), grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+def warp(
+    image: torch.Tensor | SeenThroughAffine, u: torch.Tensor, mode: str = "bilinear", padding: str = "zeros"
+) -> torch.Tensor:
     """Sample ``image`` at ``x + u(x)``. ``mode`` is ``"bilinear"`` (trilinear) or ``"nearest"``."""
+    if isinstance(image, SeenThroughAffine):
+        if image.shape != tuple(u.shape[2:]):
+            raise ValueError(f"image grid {image.shape} and field grid {tuple(u.shape[2:])} differ")
+        return _sample_through(image, u, mode, padding)
     if image.shape[2:] != u.shape[2:]:
         raise ValueError(f"image grid {tuple(image.shape[2:])} and field grid {tuple(u.shape[2:])} differ")
     if u.shape[1] != 3:
