@@ -280,9 +280,8 @@ def resample(
     transform: sitk.Transform | None = None,
     default: float = 0.0,
 ) -> sitk.Image:
-    """``image`` sampled on ``reference``'s grid at ``transform(x)`` (identity if None); ``interpolator``: linear,
-    nearest or bspline (cubic)."""
-    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}[interpolator]
+    """``image`` sampled on ``reference``'s grid at ``transform(x)`` (identity if None)."""
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolator]
     transform = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
     return sitk.Resample(image, reference, transform, interp, default, image.GetPixelID())
 
