@@ -79,11 +79,11 @@ def _cached_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.
 
 def _sample_through(seen: SeenThroughAffine, u: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
     positions = _cached_identity(tuple(u.shape[2:]), u.device, u.dtype) + u
-    matrix = seen.index_map.to(u.device, u.dtype)
-    index = torch.einsum("ij,bj...->bi...", matrix[:, :3], positions) + matrix[:, 3].view(1, 3, 1, 1, 1)
-    size = seen.image.shape[2:]
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in size], device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
-    grid = (index * scale - 1.0).flip(1).permute(0, 2, 3, 4, 1)  # (x, y, z) order in [-1, 1]
+    # the map's rows scaled to grid_sample's [-1, 1] coordinates: on the 3 x 4 matrix, not on the volume
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in seen.image.shape[2:]], device=u.device, dtype=u.dtype)
+    matrix = seen.index_map.to(u.device, u.dtype) * scale.view(3, 1)
+    index = torch.einsum("ij,bj...->bi...", matrix[:, :3], positions) + (matrix[:, 3] - 1.0).view(1, 3, 1, 1, 1)
+    grid = index.flip(1).permute(0, 2, 3, 4, 1)  # (x, y, z) order
     return F.grid_sample(seen.image.to(u.dtype), grid, mode=mode, padding_mode=padding, align_corners=True)
 
 
