@@ -96,6 +96,24 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert (tmp_path / "run" / checkpoints.FINAL_WEIGHTS).is_file()
 
 
+def test_field_term_pulls_the_prediction_towards_the_true_field(tmp_path):
+    pair = pair_sources.validation_pairs(None, SHAPE, 1, seed=5)[0][1]
+    cfg = tiny_cfg(tmp_path / "run", max_steps=20, lr=1e-3, checkpoint_every=0, field_weight=1.0)
+    trainer = training.Trainer(cfg)
+    trainer.sources = FixedPair(pair)
+
+    def error() -> float:
+        with torch.no_grad():
+            _, parts = steps.compute_loss(trainer.core, trainer.core, pair, 0.1, trainer.cfg, False, False)
+        return parts["field_error"]
+
+    before = error()
+    trainer.run()
+    assert error() < 0.8 * before
+    rows = run_log.read_log(tmp_path / "run")
+    assert len(rows) == 20 and all(r["field_error"] != "" for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 

@@ -69,6 +69,7 @@ class TrainConfig:
     similarity: str = "l1"
     dice_weight: float = 0.0
     dice_real: bool = False  # also use real label maps in the Dice term
+    field_weight: float = 0.0  # weight of the end-point error to the true field, where known (synthetic pairs)
     lr: float = 1e-4
     lr_schedule: str = "constant"  # or "cosine": to lr/10 at max steps or max minutes, whichever comes first
     warmup_steps: int = 0  # linear warm-up of the learning rate (fine-tuning starts with a fresh optimiser)
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"learning-rate schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.prepared_data and (self.data.images_dir or self.data.dataset_json or self.data.atlas):
             raise ValueError("give prepared data or image files (--images-dir, --dataset-json, --atlas), not both")
+        if self.field_weight < 0 or self.dice_weight < 0:
+            raise ValueError("loss weights must be >= 0")
         if self.batch_size < 1 or self.max_steps < 0 or self.data.spacing_mm <= 0:
             raise ValueError("batch size must be >= 1, max steps >= 0 and spacing > 0")
 

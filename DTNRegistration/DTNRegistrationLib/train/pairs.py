@@ -192,7 +192,7 @@ def _stack(items) -> synth.Pair:
         parts = [it[i] for it in items]
         return None if any(p is None for p in parts) else torch.cat(parts)
 
-    return synth.Pair(cat(0), cat(1), cat(2), cat(3))
+    return synth.Pair(*(cat(i) for i in range(len(items[0]))))
 
 
 def validation_pairs(

@@ -18,6 +18,7 @@ LOG_COLUMNS = (
     "similarity",
     "smoothness",
     "dice_loss",
+    "field_error",
     "lr",
     "val_dice",
     "val_folding_percent",

@@ -1,7 +1,8 @@
 """One training step's loss, the alpha it is trained at, and the validation measures.
 
 Loss (paper, Eq. 2): ``sim(warp(moving, exp(v)), fixed) + alpha * ||grad v||^2`` (``losses.paper_loss``, as
-test-time refinement), plus ``dice_weight`` times a soft Dice on labelled pairs.
+test-time refinement), plus ``dice_weight`` times a soft Dice on labelled pairs and ``field_weight`` times the
+mean end-point error (voxels) to the true displacement where the pair knows it (synthetic pairs).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def compute_loss(model, core: DTN, pair: synth.Pair, alpha, cfg: TrainConfig, us
     warped = spatial.warp(pair.moving, u)
     sim = losses.similarity(cfg.similarity)(warped, pair.fixed)
     loss, smooth = losses.paper_loss(sim, v, alpha)
-    parts = {"similarity": sim.item(), "smoothness": smooth.mean().item(), "dice_loss": ""}
+    parts = {"similarity": sim.item(), "smoothness": smooth.mean().item(), "dice_loss": "", "field_error": ""}
     if use_dice and cfg.dice_weight > 0 and pair.moving_labels is not None and pair.fixed_labels is not None:
         classes = int(max(pair.moving_labels.max().item(), pair.fixed_labels.max().item())) + 1
         dl = losses.dice_loss(
@@ -50,7 +51,16 @@ def compute_loss(model, core: DTN, pair: synth.Pair, alpha, cfg: TrainConfig, us
         )
         loss = loss + cfg.dice_weight * dl
         parts["dice_loss"] = dl.item()
+    if cfg.field_weight > 0 and pair.displacement is not None:
+        error = end_point_error(u, pair.displacement)
+        loss = loss + cfg.field_weight * error
+        parts["field_error"] = error.item()
     return loss, parts
+
+
+def end_point_error(u: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean Euclidean distance (voxels) between two displacement fields ``(B, 3, D, H, W)``."""
+    return torch.linalg.vector_norm(u - truth, dim=1).mean()
 
 
 @torch.no_grad()
@@ -76,4 +86,4 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-__all__ = ["compute_loss", "one_hot", "sample_alpha", "validate"]
+__all__ = ["compute_loss", "end_point_error", "one_hot", "sample_alpha", "validate"]

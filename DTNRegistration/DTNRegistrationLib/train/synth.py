@@ -71,12 +71,14 @@ class Pair:
     fixed: torch.Tensor
     moving_labels: torch.Tensor | None = None
     fixed_labels: torch.Tensor | None = None
+    displacement: torch.Tensor | None = None  # the true field (voxels) where known: moving(x + u(x)) ~ fixed(x)
 
     def to(self, device: torch.device | str) -> Pair:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Pair(move(self.moving), move(self.fixed), move(self.moving_labels), move(self.fixed_labels))
+        parts = (self.moving, self.fixed, self.moving_labels, self.fixed_labels, self.displacement)
+        return Pair(*(move(t) for t in parts))
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -109,9 +111,18 @@ def random_velocity(gen: torch.Generator, batch: int, shape: Shape, std_max: flo
 
 def random_deformation(gen: torch.Generator, batch: int, shape: Shape, std_max: float, divisor: float) -> torch.Tensor:
     """Displacement (voxels) of a random diffeomorphism: a smooth velocity integrated at half resolution."""
+    return random_deformation_and_inverse(gen, batch, shape, std_max, divisor, inverse=False)[0]
+
+
+def random_deformation_and_inverse(
+    gen: torch.Generator, batch: int, shape: Shape, std_max: float, divisor: float, inverse: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random diffeomorphism's displacement and, with ``inverse``, its inverse's: ``exp(v)`` and ``exp(-v)``."""
     half = tuple(max(2, n // 2) for n in shape)
     v = random_velocity(gen, batch, half, std_max * half[0] / shape[0], divisor / 2)
-    return spatial.resize_field(spatial.integrate(v), tuple(shape))
+    forward = spatial.resize_field(spatial.integrate(v), tuple(shape))
+    backward = spatial.resize_field(spatial.integrate(-v), tuple(shape)) if inverse else None
+    return forward, backward
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -180,10 +191,13 @@ def synth_pair(gen: torch.Generator, shape: Shape, batch: int = 1, cfg: SynthCon
     cfg = cfg or SynthConfig()
     shape = tuple(int(n) for n in shape)
     template = _label_template(gen, cfg, batch, shape)
-    labels = []
+    labels, fields = [], []
     for _ in range(2):
-        u = random_deformation(gen, batch, shape, cfg.pair_warp_std, cfg.warp_divisor)
+        u, u_inverse = random_deformation_and_inverse(gen, batch, shape, cfg.pair_warp_std, cfg.warp_divisor)
         labels.append(spatial.warp(template, u, padding="border").argmax(1, keepdim=True))
+        fields.append((u, u_inverse))
+    # moving = T o (Id + a), fixed = T o (Id + b), so moving o (Id + a)^-1 o (Id + b) = fixed
+    true_field = spatial.compose(fields[0][1], fields[1][0])
     means_m = _label_means(gen, cfg, batch)
     if cfg.contrast == "shared":
         means_f = (means_m + _normal(gen, means_m.shape) * cfg.intensity_jitter).clamp(0, 1)
@@ -192,7 +206,7 @@ def synth_pair(gen: torch.Generator, shape: Shape, batch: int = 1, cfg: SynthCon
         means_f = _label_means(gen, cfg, batch)
     moving = _paint(gen, cfg, labels[0], means_m)
     fixed = _paint(gen, cfg, labels[1], means_f)
-    return Pair(moving, fixed, labels[0], labels[1])
+    return Pair(moving, fixed, labels[0], labels[1], true_field)
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -262,7 +276,8 @@ __all__ = [
     "SynthConfig",
     "augment",
     "make_generator",
-    "random_deformation",
     "random_affine_field",
+    "random_deformation",
+    "random_deformation_and_inverse",
     "synth_pair",
 ]

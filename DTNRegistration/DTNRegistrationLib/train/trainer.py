@@ -69,6 +69,7 @@ def weights_info(cfg: TrainConfig, step: int, description: str) -> dict:
         "shape": list(cfg.data.shape),
         "seed": cfg.seed,
         "dice_weight": cfg.dice_weight,
+        "field_weight": cfg.field_weight,
     }
 
 
