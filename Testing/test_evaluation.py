@@ -16,6 +16,7 @@ from conftest import phantom_labels, write_phantom_pair
 from DTNRegistrationLib.cli import commands as cli
 from DTNRegistrationLib.core import models
 from DTNRegistrationLib.errors import InputError
+from DTNRegistrationLib.evaluate import baselines
 from DTNRegistrationLib.evaluate.baselines import Identity, parse_method, parse_methods
 from DTNRegistrationLib.evaluate.inputs import (
     PairSpec,
@@ -153,6 +154,18 @@ def test_end_to_end_report_csv_figures_and_resume(dataset, tmp_path):
     next(p for p in cache if p.name.startswith("shifted__identity")).unlink()  # as if interrupted there
     third = evaluate(pairs, [identity, dtn], out, table=table, alphas=(), quiet=True)
     assert (third.computed, CountingIdentity.calls) == (1, 3)
+
+
+def test_an_engine_change_is_a_new_dtn_method_for_the_cache(dataset, tmp_path):
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    for copy in (same, changed):
+        shutil.copytree(baselines.ENGINE_DIR, copy)
+    with open(changed / "refinement.py", "a") as handle:
+        handle.write("\n# a changed schedule\n")
+    assert baselines.engine_digest(same) == baselines.engine_digest()
+    assert baselines.engine_digest(changed) != baselines.engine_digest()
+    dtn = parse_method(f"dtn:{dataset / 'tiny.safetensors'}", "cpu")
+    assert dtn.cache_identity()["engine"] == baselines.engine_digest()
 
 
 def test_dataset_json_and_atlas_inputs(dataset, tmp_path):

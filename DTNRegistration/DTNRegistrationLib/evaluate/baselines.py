@@ -12,7 +12,10 @@ Method specs (``--methods``): ``identity``, ``affine``, ``syn[:type=SyN][:iterat
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,6 +24,18 @@ from ..errors import InputError
 from ..options import RegistrationOptions
 
 VARIANT_NAMES = {"dtn": "DTN", "dtn_s": "DTN_s", "dtn_c": "DTN_c", "none": "transformer-free"}
+
+
+ENGINE_DIR = Path(__file__).resolve().parents[1] / "core"
+
+
+@functools.lru_cache(maxsize=4)
+def engine_digest(folder: Path = ENGINE_DIR) -> str:
+    """SHA-1 of the engine's source (``core/``): what a DTN method's result depends on besides its weights."""
+    sha = hashlib.sha1()
+    for path in sorted(Path(folder).glob("*.py")):
+        sha.update(path.name.encode() + b"\0" + path.read_bytes())
+    return sha.hexdigest()
 
 
 @dataclass
@@ -138,6 +153,7 @@ class DTNMethod(Method):
 
     def cache_identity(self) -> dict:
         extra = {"sha256": self.loaded.sha256, "refine": self.refine, "alpha": self.alpha, "affine": self.affine}
+        extra["engine"] = engine_digest()  # a changed engine is a new method too
         if self.preset:
             from ..core.refinement import PRESETS
 

@@ -4,8 +4,9 @@ Input: pairs with label maps (a CSV, a Learn2Reg/OASIS dataset JSON, or an atlas
 the methods to compare (``baselines``). Every file is checked before any work. Each (pair, method) is registered,
 timed and scored by the same code: Dice and HD95 (mm) per structure, folding (det J <= 0) and SDlogJ of the map.
 Each result is cached as JSON in ``OUTPUT/cache`` under a key made of the input files' contents and the method's
-settings, so an interrupted evaluation resumes without recomputing finished pairs. Then ``evaluation_report``
-writes ``results.csv`` (every number), ``summary.csv``, ``ttests.csv``, the figures and ``report.md``.
+settings (for DTN methods also the weights' SHA-256 and the engine source's digest), so an interrupted evaluation
+resumes without recomputing finished pairs. Then ``evaluation_report`` writes ``results.csv`` (every number),
+``summary.csv``, ``ttests.csv``, the figures and ``report.md``.
 
 Memory: the process's peak resident set size (Linux VmHWM, reset before each method through
 ``/proc/self/clear_refs``) minus its RSS before the method (after ``malloc_trim``): what that method added at its
