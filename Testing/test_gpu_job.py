@@ -42,7 +42,7 @@ def job_output(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     command = [sys.executable, str(ROOT / "scripts" / "gpu_job.py"), "--bundle", str(tmp / "bundle")]
     command += ["--out", str(tmp / "out"), "--device", "cpu", "--minutes", "2", "--steps", "3", "--batch", "2"]
     command += ["--warmup", "2", "--val-every", "2", "--val-pairs", "1", "--bench-sizes", "32x32x32"]
-    command += ["--bench-runs", "1", "--no-register"]
+    command += ["--bench-runs", "1", "--no-register", "--field-weight", "0.1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     return result, tmp / "out"
 
@@ -75,7 +75,7 @@ def test_job_continues_from_the_shipped_weights_and_validates_before_and_after(j
     assert validation["failures"] == []
     shipped = models.load_model(None).model.state_dict()
     trained = models.load_weights(out / "dtn.safetensors")
-    assert trained.info["spacing_mm"] == 2.0 and trained.info["step"] == 3
+    assert trained.info["spacing_mm"] == 2.0 and trained.info["step"] == 3 and trained.info["field_weight"] == 0.1
     changed = [k for k, v in trained.model.state_dict().items() if not torch.equal(v, shipped[k])]
     assert changed, "three optimiser steps left every weight as it was"
 
