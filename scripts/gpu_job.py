@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--field-weight", type=float, default=0.0, help="end-point error to synthetic pairs' true field")
+    p.add_argument("--field-weight", type=float, default=0.1, help="end-point error to synthetic pairs' true field")
     p.add_argument("--shape", type=int, nargs=3, default=None, help="training grid (default: the bundle's)")
     p.add_argument("--spacing-mm", type=float, default=2.0)
     p.add_argument("--val-every", type=int, default=250)
