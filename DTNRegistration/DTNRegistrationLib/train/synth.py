@@ -121,7 +121,7 @@ def random_deformation_and_inverse(
     half = tuple(max(2, n // 2) for n in shape)
     v = random_velocity(gen, batch, half, std_max * half[0] / shape[0], divisor / 2)
     forward = spatial.resize_field(spatial.integrate(v), tuple(shape))
-    backward = spatial.resize_field(spatial.integrate(-v), tuple(shape)) if inverse else None
+    backward = spatial.resize_field(spatial.inverse(v), tuple(shape)) if inverse else None
     return forward, backward
 
 
