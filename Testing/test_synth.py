@@ -45,6 +45,15 @@ def test_generator_state_round_trip_continues_the_stream():
     assert torch.equal(synth.synth_pair(gen2, SHAPE).fixed, expected.fixed)
 
 
+def test_pair_without_true_field_is_the_same_pair_and_stream():
+    gen_a, gen_b = synth.make_generator(5), synth.make_generator(5)
+    with_field = synth.synth_pair(gen_a, SHAPE)
+    without = synth.synth_pair(gen_b, SHAPE, true_field=False)
+    assert with_field.displacement is not None and without.displacement is None
+    assert torch.equal(with_field.moving, without.moving) and torch.equal(with_field.fixed, without.fixed)
+    assert torch.equal(synth.synth_pair(gen_a, SHAPE).fixed, synth.synth_pair(gen_b, SHAPE).fixed)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_random_deformations_are_diffeomorphic(seed):
     cfg = synth.SynthConfig()

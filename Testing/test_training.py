@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from DTNRegistrationLib.core import models
 from DTNRegistrationLib.errors import ModelError
-from DTNRegistrationLib.train import checkpoints, run_log, steps
+from DTNRegistrationLib.train import checkpoints, run_log, steps, synth
 from DTNRegistrationLib.train import cli as train_cli
 from DTNRegistrationLib.train import pairs as pair_sources
 from DTNRegistrationLib.train import trainer as training
@@ -112,6 +112,13 @@ def test_field_term_pulls_the_prediction_towards_the_true_field(tmp_path):
     assert error() < 0.8 * before
     rows = run_log.read_log(tmp_path / "run")
     assert len(rows) == 20 and all(r["field_error"] != "" for r in rows)
+
+
+@pytest.mark.parametrize("field_weight", [0.0, 0.5])
+def test_synthetic_pairs_carry_their_true_field_only_when_the_loss_uses_it(tmp_path, field_weight):
+    trainer = training.Trainer(tiny_cfg(tmp_path / "run", field_weight=field_weight))
+    pair = trainer.sources.sample(synth.make_generator(0))
+    assert (pair.displacement is not None) == (field_weight > 0)
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -161,14 +161,15 @@ class RealPairSource:
 
 
 class SynthPairSource:
-    """On-the-fly synthetic pairs of a fixed grid shape."""
+    """On-the-fly synthetic pairs of a fixed grid shape; ``true_field``: with their true displacement."""
 
-    def __init__(self, shape: Shape, cfg: synth.SynthConfig | None = None) -> None:
+    def __init__(self, shape: Shape, cfg: synth.SynthConfig | None = None, true_field: bool = True) -> None:
         self.shape = tuple(shape)
         self.cfg = cfg or synth.SynthConfig()
+        self.true_field = true_field
 
     def sample(self, gen: torch.Generator, batch: int = 1) -> synth.Pair:
-        return synth.synth_pair(gen, self.shape, batch, self.cfg)
+        return synth.synth_pair(gen, self.shape, batch, self.cfg, true_field=self.true_field)
 
 
 class MixedSource:

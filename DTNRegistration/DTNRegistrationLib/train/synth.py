@@ -186,18 +186,24 @@ def _label_means(gen: torch.Generator, cfg: SynthConfig, batch: int) -> torch.Te
     return means
 
 
-def synth_pair(gen: torch.Generator, shape: Shape, batch: int = 1, cfg: SynthConfig | None = None) -> Pair:
-    """A random moving/fixed pair with label maps (int64), related by a random diffeomorphism."""
+def synth_pair(
+    gen: torch.Generator, shape: Shape, batch: int = 1, cfg: SynthConfig | None = None, true_field: bool = True
+) -> Pair:
+    """A random moving/fixed pair with label maps (int64), related by a random diffeomorphism; with
+    ``true_field`` also the displacement that carries the moving image onto the fixed one (costs an inverse and a
+    composition; the random stream is the same either way)."""
     cfg = cfg or SynthConfig()
     shape = tuple(int(n) for n in shape)
     template = _label_template(gen, cfg, batch, shape)
     labels, fields = [], []
     for _ in range(2):
-        u, u_inverse = random_deformation_and_inverse(gen, batch, shape, cfg.pair_warp_std, cfg.warp_divisor)
+        u, u_inverse = random_deformation_and_inverse(
+            gen, batch, shape, cfg.pair_warp_std, cfg.warp_divisor, inverse=true_field
+        )
         labels.append(spatial.warp(template, u, padding="border").argmax(1, keepdim=True))
         fields.append((u, u_inverse))
     # moving = T o (Id + a), fixed = T o (Id + b), so moving o (Id + a)^-1 o (Id + b) = fixed
-    true_field = spatial.compose(fields[0][1], fields[1][0])
+    displacement = spatial.compose(fields[0][1], fields[1][0]) if true_field else None
     means_m = _label_means(gen, cfg, batch)
     if cfg.contrast == "shared":
         means_f = (means_m + _normal(gen, means_m.shape) * cfg.intensity_jitter).clamp(0, 1)
@@ -206,7 +212,7 @@ def synth_pair(gen: torch.Generator, shape: Shape, batch: int = 1, cfg: SynthCon
         means_f = _label_means(gen, cfg, batch)
     moving = _paint(gen, cfg, labels[0], means_m)
     fixed = _paint(gen, cfg, labels[1], means_f)
-    return Pair(moving, fixed, labels[0], labels[1], true_field)
+    return Pair(moving, fixed, labels[0], labels[1], displacement)
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
