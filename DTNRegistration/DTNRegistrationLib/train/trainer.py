@@ -155,8 +155,9 @@ class Trainer:
         if real_source is not None and tuple(shape) != tuple(cfg.data.shape):
             raise ValueError(f"the real volumes are {tuple(shape)}, the configured grid {tuple(cfg.data.shape)}")
         synth_cfg = synth.SynthConfig(num_labels=cfg.synth_labels, contrast=cfg.synth_contrast)
-        # the true field costs an inverse per pair: only where the loss uses it
-        synth_source = pairs.SynthPairSource(shape, synth_cfg, cfg.field_weight > 0) if cfg.synthetic else None
+        synth_source = None
+        if cfg.synthetic:  # the true field costs an inverse per pair: only where the loss uses it
+            synth_source = pairs.SynthPairSource(shape, synth_cfg, true_field=cfg.field_weight > 0)
         source = pairs.MixedSource(real_source, synth_source, cfg.synth_fraction)
         val = []
         if self.dist.main and cfg.val_every > 0:
