@@ -722,6 +722,7 @@ class DTNRegistrationTest(ScriptedLoadableModuleTest):
         parameters.movingSegmentation = segmentation
         parameters.model = self._tinyModel()
         parameters.device = "cpu"
+        parameters.customRefinement = True  # refineSteps counts only with it; else the preset runs
         parameters.refineSteps = refine
         return parameters
 
@@ -770,8 +771,10 @@ class DTNRegistrationTest(ScriptedLoadableModuleTest):
         movingBefore = np.array(slicer.util.arrayFromVolume(moving))
         parameters = self._parameters(logic, moving, fixed, segmentation, refine=500)
         count = slicer.mrmlScene.GetNumberOfNodes()
-        _job, runner = logic.startRegistration(parameters)
+        job, runner = logic.startRegistration(parameters)
+        self.assertEqual(job.options.refine, 500)
         self._pollUntilRefining(runner)
+        self.assertIn("/500,", runner.state.message, "the child must run the custom step count")
         start = time.time()
         runner.cancel()
         state = self._poll(runner, lambda state: state.done, timeout=10)
@@ -784,6 +787,7 @@ class DTNRegistrationTest(ScriptedLoadableModuleTest):
         job, runner = logic.startRegistration(parameters)
         state = self._poll(runner, lambda state: state.done)
         self.assertIsNone(state.error, getattr(state.error, "details", ""))
+        self.assertEqual(state.result.metrics.get("refine_steps"), 2, "the report records the steps run")
         nodes = logic.finishRegistration(job, state.result)
         for role in ("transform", "warped", "jacobian", "folding", "segmentation", "labelmap"):
             self.assertIn(role, nodes)

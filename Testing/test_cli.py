@@ -47,7 +47,13 @@ def test_register_writes_the_contract(files, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.nii.gz" for n in OUTPUTS] + ["report.json"])
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["sha256"] == models.sha256_file(files / "tiny.safetensors")
-    assert set(report["metrics"]["dice"]) == {"1", "2", "3"} and 0 <= report["metrics"]["dice_mean"] <= 1
+    assert set(report["metrics"]["dice"]) == {"1", "2", "3"}
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
+    fixed_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(files / "fixed_labels.nii.gz")))
+    for label, dice in report["metrics"]["dice"].items():  # the report scores the labels that were written
+        a, b = written == int(label), fixed_labels == int(label)
+        assert dice == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert report["metrics"]["dice_mean"] == pytest.approx(np.mean(list(report["metrics"]["dice"].values())))
     assert {"affine", "network", "total"} <= set(report["timings_s"])
     assert report["versions"]["torch"] == torch.__version__ and report["device"] == "cpu"
     # what the outputs were made from, for `dtnreg batch` to recognise them
@@ -100,6 +106,19 @@ def test_four_d_singleton_image_is_accepted(files, tmp_path):
     args = ["register", "--moving", str(tmp_path / "moving4d.nii.gz"), "--fixed", str(files / "fixed.nii.gz")]
     common = ["--output-dir", str(tmp_path / "o"), "--model", str(files / "tiny.safetensors"), "--quiet"]
     assert cli.main(args + common + ["--refine", "0"]) == 0
+    assert run(files, tmp_path / "three_d") == 0  # the same volume as a 3-D file registers the same way
+    for name in ("warped.nii.gz", "displacement.nii.gz"):
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / name))),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "three_d" / name))),
+        )
+
+
+def _write_series(folder):
+    """Two volumes in one 4-D file (a time series, or diffusion): which one to register is not dtnreg's to guess."""
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).random(SHAPE).astype(np.float32))
+    sitk.WriteImage(sitk.JoinSeries([volume, volume]), str(folder / "series.nii.gz"))
+    return folder / "series.nii.gz"
 
 
 def _write(path, array, spacing=(2.0, 2.0, 2.0)):
@@ -128,6 +147,7 @@ BAD_INPUTS = {
     "two_d": (lambda d: _write(d / "flat.nrrd", np.random.rand(30, 30).astype(np.float32), (1.0, 1.0)), "2-D image"),
     "constant": (lambda d: _write(d / "const.nii.gz", np.ones(SHAPE, np.float32)), "is constant"),
     "nan": (lambda d: _write(d / "nan.mha", _with_nan()), "NaN or Inf"),
+    "four_d": (_write_series, "a 4-D image with 2 volumes; give a single 3-D volume"),
     "truncated": (_truncated, "cut.nii.gz: truncated: the compressed data ends before its end-of-stream marker"),
 }
 
@@ -224,6 +244,26 @@ def test_only_the_outputs_asked_for_are_written_and_float_maps_are_valid_gzip(fi
     assert exit_info.value.code == 2
 
 
+def test_the_folding_file_marks_the_folds_that_the_report_counts(files, tmp_path, monkeypatch):
+    """A rough velocity (the network's safeguard bypassed) folds the map; the written folding map is exactly
+    det J <= 0 of the written Jacobian, and the report counts its voxels."""
+    from DTNRegistrationLib.core import registration
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rough_start(velocity, *args, **kwargs):
+        return 3.0 * torch.randn(velocity.shape, generator=generator), "network"
+
+    monkeypatch.setattr(registration, "better_start", rough_start)
+    out = tmp_path / "out"
+    assert run(files, out) == 0
+    folding = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "folding.nii.gz")))
+    jacobian = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["folding_count"] == int(folding.sum()) > 100
+    np.testing.assert_array_equal(folding == 1, jacobian <= 0)
+
+
 def test_presets_reach_the_report(files, tmp_path):
     assert (
         cli.main(
@@ -304,12 +344,27 @@ def test_jsonl_progress_one_line_per_stage_and_step(files, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert back.displacement.GetPixelID() == sitk.sitkVectorFloat64
     assert back.metrics == report["metrics"] and back.device == "cpu" and back.alpha == report["alpha"]
-    np.testing.assert_allclose(back.affine.GetMatrix(), report["affine"]["matrix"])
-    np.testing.assert_array_equal(
-        sitk.GetArrayFromImage(back.warped_labels),
-        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nrrd"))),
-    )
+    # the affine read back is the engine's: the same alignment made in-process maps points to the same places
+    from DTNRegistrationLib.core import alignment
+
     moving = sitk.ReadImage(str(files / "moving.nii.gz"), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(files / "fixed.nii.gz"), sitk.sitkFloat32)
+    engine = alignment.align(moving, fixed, affine=True).transform
+    for index in [(0, 0, 0), (5, 17, 30), tuple(n - 1 for n in fixed.GetSize())]:
+        point = fixed.TransformIndexToPhysicalPoint(index)
+        np.testing.assert_allclose(back.affine.TransformPoint(point), engine.TransformPoint(point), atol=1e-3)
+    # the propagated labels are the moving labels carried through the written displacement
+    moving_labels = sitk.ReadImage(str(files / "moving_labels.nii.gz"))
+    carried = sitk.Resample(
+        moving_labels,
+        back.warped,
+        sitk.DisplacementFieldTransform(sitk.Image(back.displacement)),
+        sitk.sitkNearestNeighbor,
+        0,
+        moving_labels.GetPixelID(),
+    )
+    assert sitk.GetArrayFromImage(back.warped_labels).any()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back.warped_labels), sitk.GetArrayFromImage(carried))
     again = sitk.Resample(moving, back.warped, sitk.DisplacementFieldTransform(back.displacement))
     np.testing.assert_allclose(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(back.warped), atol=1e-4)
 

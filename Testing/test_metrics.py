@@ -78,11 +78,72 @@ def test_physical_jacobian_on_oblique_flipped_grid():
     )
 
 
+@pytest.mark.parametrize("slab", [1, 5, 64])
+def test_physical_jacobian_of_a_curved_field_matches_a_whole_volume_reference(monkeypatch, slab):
+    """A sinusoidal field on an oblique, flipped grid of 23 slices, cut into slabs of 1, 5 (a short last slab)
+    or one block: every slab's values equal the whole-volume np.gradient reference (a linear field has the same
+    derivative everywhere, so it cannot tell a slab that keeps the wrong slices)."""
+    monkeypatch.setattr(metrics, "JACOBIAN_SLAB", slab)
+    a, b = 0.5, 0.3
+    about_x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    about_z = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    # oblique and left-handed, and not symmetric (a rotation times a flip across its axis would be: its own
+    # transpose and inverse, blind to a transposed direction matrix)
+    direction = about_z @ about_x @ np.diag([1.0, -1.0, 1.0])
+    assert not np.allclose(direction, direction.T)
+    spacing, origin, shape_kji = np.array([1.2, 0.9, 1.5]), np.array([-4.0, 7.0, 2.0]), (23, 6, 7)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
+    index_to_physical = direction @ np.diag(spacing)
+    points = origin + np.stack([i, j, k], -1).astype(float) @ index_to_physical.T
+    amplitude = np.array([0.9, 0.6, 1.1])
+    waves = np.array([[0.1, 0.25, 0.3], [0.2, -0.1, 0.35], [-0.15, 0.2, 0.25]])  # rad/mm, mixes all axes
+    phase = points @ waves.T + np.array([0.3, 1.1, -0.4])
+    field = amplitude * np.sin(phase)  # (K, J, I, 3) xyz in mm
+
+    # Reference: np.gradient over the whole volume (central inside, one-sided at the borders, as documented),
+    # index derivatives mapped to physical ones, and a generic determinant.
+    dk, dj, di = np.gradient(field, axis=(0, 1, 2))
+    grad_index = np.stack([di, dj, dk], -1)  # [..., component, index axis i/j/k]
+    reference = np.linalg.det(np.eye(3) + grad_index @ np.linalg.inv(index_to_physical))
+    assert reference.std() > 0.1  # the determinant varies from slice to slice
+
+    jac = metrics.physical_jacobian_determinant(field, spacing, direction.ravel())
+    assert jac.shape == shape_kji and jac.dtype == np.float32
+    np.testing.assert_allclose(jac, reference, rtol=0, atol=2e-5)
+
+    # and the reference is the field's true Jacobian up to the finite differences' error (inside the borders)
+    analytic = np.linalg.det(np.eye(3) + (amplitude * np.cos(phase))[..., None] * waves)
+    inner = (slice(1, -1),) * 3
+    np.testing.assert_allclose(reference[inner], analytic[inner], atol=0.05)
+
+
 def test_sd_log_jacobian():
     assert metrics.sd_log_jacobian(np.full((4, 4, 4), 2.0)) == pytest.approx(0.0)
     jac = np.array([1.0, np.e, np.e**2])
     assert metrics.sd_log_jacobian(jac) == pytest.approx(np.std([0.0, 1.0, 2.0]))
-    assert np.isfinite(metrics.sd_log_jacobian(np.array([-1.0, 1.0])))
+    # a fold is clipped to 1e-9 before the log: the SD of (log 1e-9, 0) is half of -log 1e-9
+    assert metrics.sd_log_jacobian(np.array([-1.0, 1.0])) == pytest.approx(-np.log(1e-9) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [7, 50, 10**6])
+def test_sd_log_jacobian_merges_chunks_exactly(monkeypatch, chunk):
+    """Chunks of 7 or 50 values whose means differ (values near 1, then near e, with folds and huge values
+    clipped), and one chunk: the merged SD equals numpy's over all values at once, so the between-chunk term of
+    the merge is right."""
+    monkeypatch.setattr(metrics, "SD_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    jac = np.concatenate([rng.uniform(0.9, 1.1, 60), rng.uniform(2.5, 2.9, 43)])
+    jac[[10, 70]] = [-0.5, 1e12]  # clipped to 1e-9 and 1e9
+    expected = np.std(np.log(np.clip(jac, 1e-9, 1e9)))
+    assert metrics.sd_log_jacobian(jac) == pytest.approx(expected, rel=1e-12)
+    # without the outliers the spread is mostly between the two halves' means (0 and ~1), not within them
+    calm = np.delete(jac, [10, 70])
+    within = np.sqrt((60 * np.var(np.log(calm[:60])) + 41 * np.var(np.log(calm[60:]))) / calm.size)
+    sd = metrics.sd_log_jacobian(calm)
+    assert sd == pytest.approx(np.std(np.log(calm)), rel=1e-12) and sd > 3 * within
+    mask = np.arange(jac.size) % 3 != 0
+    masked = metrics.sd_log_jacobian(jac, mask)
+    assert masked == pytest.approx(np.std(np.log(np.clip(jac[mask], 1e-9, 1e9))), rel=1e-12)
 
 
 def test_jacobian_rejects_bad_shapes():

@@ -232,6 +232,11 @@ def poll_widget(widget, until, timeout=120.0):
         assert time.perf_counter() - start < timeout, widget.ui.statusLabel.text
 
 
+def option_value(command, name):
+    """The value after ``name`` on a command line (None when the option is absent)."""
+    return command[command.index(name) + 1] if name in command else None
+
+
 def test_panel_registers_cancels_and_shows_results_through_the_child(module, monkeypatch, tiny_model):
     nothing_needed(monkeypatch)
     context = module.context
@@ -241,12 +246,17 @@ def test_panel_registers_cancels_and_shows_results_through_the_child(module, mon
     widget, dialogs = make_widget(module, monkeypatch)
     node = widget._parameterNode
     node.movingVolume, node.fixedVolume, node.movingSegmentation = moving, fixed, segmentation
-    node.model, node.device, node.refineSteps = tiny_model, "cpu", 500
+    # Custom refinement: refineSteps counts only with customRefinement on (else the preset runs). 500 steps keep
+    # the child busy well past the moment Cancel is clicked.
+    node.model, node.device, node.customRefinement, node.refineSteps = tiny_model, "cpu", True, 500
     before = ss.node_ids(context.scene)
 
     widget.onRegisterButton()
     assert widget.ui.registerButton.text == "Cancel" and not widget.ui.inputsCollapsibleButton.enabled
+    command = list(widget._run[1].process.args)
+    assert option_value(command, "--refine") == "500" and "--preset" not in command, command
     poll_widget(widget, lambda: widget.ui.statusLabel.text.startswith("refining: step"))
+    assert "/500," in widget.ui.statusLabel.text, widget.ui.statusLabel.text  # the child runs the custom count
     start = time.perf_counter()
     widget.onRegisterButton()  # Cancel
     poll_widget(widget, lambda: widget._run is None, timeout=5)
@@ -256,8 +266,12 @@ def test_panel_registers_cancels_and_shows_results_through_the_child(module, mon
 
     node.refineSteps = 2
     widget.onRegisterButton()
+    runner = widget._run[1]
+    assert option_value(list(runner.process.args), "--refine") == "2"
     poll_widget(widget, lambda: widget._run is None)
     assert "Folding voxels" in widget.ui.statusLabel.text, widget.ui.statusLabel.text
+    report = runner.state.result.metrics  # report.json's "metrics": what the child actually ran
+    assert report["refine_steps"] == 2 and report["refine_levels_mm"] == [2.0] and report["preset"] is None, report
     assert not dialogs.errors and widget.ui.placeMovingButton.enabled and widget.ui.exportSegmentationButton.enabled
     transform = widget._lastNodes["transform"]
     widget.onPlaceMoving()

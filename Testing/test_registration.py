@@ -109,6 +109,60 @@ def test_jacobian_and_folding_agree(refined):
     assert refined.metrics["folding_count"] == int((jac <= 0).sum())
 
 
+def test_a_folded_map_is_reported_voxel_for_voxel_and_inside_the_mask(known_pair, tiny_model, monkeypatch):
+    """A rough velocity (the network's safeguard bypassed, no refinement) folds the map: the folding image marks
+    exactly the voxels where det J <= 0, and the report's folding and SDlogJ cover the fixed mask only."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rough_start(velocity, *args, **kwargs):
+        return 3.0 * torch.randn(velocity.shape, generator=generator), "network"
+
+    monkeypatch.setattr(registration, "better_start", rough_start)
+    half = np.zeros(SHAPE, np.uint8)
+    half[:, :, : SHAPE[2] // 2] = 1
+    mask = _image(half)
+    result = registration.register(
+        known_pair["moving"], known_pair["fixed"], model=tiny_model, refine=0, affine=False, mask=mask
+    )
+    jac = sitk.GetArrayFromImage(result.jacobian)
+    fold = sitk.GetArrayFromImage(result.folding)
+    assert (jac <= 0).sum() > 100  # the field really folds
+    np.testing.assert_array_equal(fold == 1, jac <= 0)
+    inside = half == 1
+    assert result.metrics["folding_count"] == int((jac[inside] <= 0).sum()) < int((jac <= 0).sum())
+    assert result.metrics["folding_percent"] == pytest.approx(100 * (jac[inside] <= 0).mean())
+    expected_sd = np.log(np.clip(jac[inside].astype(np.float64), 1e-9, 1e9)).std()
+    assert result.metrics["sd_log_jacobian"] == pytest.approx(expected_sd, rel=1e-9)
+
+
+def test_the_fixed_mask_confines_the_similarity(known_pair, tiny_model):
+    """With a mask over one half of the fixed image, what the fixed image holds far outside it (16 mm past the
+    edge, beyond the similarity's margin) does not change the map inside the mask at all; without the mask it
+    does. (Refinement's Adam steps amplify any leak: even a changed intensity scaling would show.)"""
+    half = np.zeros(SHAPE, np.uint8)
+    half[:, :, : SHAPE[2] // 2] = 1
+    far = (slice(None), slice(None), slice(SHAPE[2] // 2 + 8, None))
+    array = sitk.GetArrayFromImage(known_pair["fixed"])
+    region = array[far]  # its tissue replaced by bright noise; the background level (intensity scaling) is kept
+    tissue = region > 0.25 * array.max()
+    region[tissue] = np.random.default_rng(0).uniform(0.5, 1.0, int(tissue.sum())) * array.max()
+    array[far] = region
+    corrupted = _image(array.astype(np.float32))
+    options = dict(model=tiny_model, refine=10, refine_similarity="mse", alpha=0.1, affine=False, inverse=False)
+
+    def change_inside(mask):
+        fields = [
+            sitk.GetArrayFromImage(
+                registration.register(known_pair["moving"], fixed, mask=mask, **options).displacement
+            )
+            for fixed in (known_pair["fixed"], corrupted)
+        ]
+        return float(np.abs(fields[0] - fields[1])[half == 1].max())
+
+    assert change_inside(None) > 0.1  # the corruption matters when the whole image is matched
+    assert change_inside(_image(half)) == 0.0
+
+
 def test_same_physical_result_in_any_orientation(known_pair, tiny_model):
     """The pair re-stored as RAS / LIA / PSR (flipped, permuted axes) registers to the same physical map.
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from DTNRegistrationLib.core import metrics, spatial
-from DTNRegistrationLib.train import synth
+from DTNRegistrationLib.train import pairs, synth
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,6 +92,9 @@ def test_inverse_deformation_undoes_the_forward_one():
 def test_augmentation_field_is_diffeomorphic(seed):
     u = synth.random_spatial_field(synth.make_generator(seed), 1, (48, 48, 48), synth.AugmentConfig())
     assert metrics.jacobian_determinant(u[0].numpy()).min() > 0
+    # a zero field is diffeomorphic too: it must also move voxels by several voxels somewhere, one on average
+    magnitude = u.norm(dim=1)
+    assert float(magnitude.max()) > 3.0 and float(magnitude.mean()) > 1.0
 
 
 def test_affine_field_identity_with_zero_ranges():
@@ -118,9 +121,69 @@ def test_augment_without_spatial_part_leaves_geometry():
     assert torch.equal(lab, labels)
 
 
-def test_independent_contrast_and_bad_config():
-    pair = synth.synth_pair(synth.make_generator(0), SHAPE, cfg=synth.SynthConfig(contrast="independent"))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_augment_moves_labels_and_image_alike(seed):
+    """The spatial part moves the cube's labels (a few percent of the voxels change, but it stays a cube), and
+    the image with them: bright inside the moved label, dark outside."""
+    image = torch.zeros(1, 1, *SHAPE)
+    image[..., 8:24, 8:24, 8:24] = 1.0
+    labels = (image > 0.5).long()
+    img, lab = synth.augment(synth.make_generator(seed), image, labels)
+    changed = float((lab != labels).float().mean())
+    assert changed > 0.02, changed
+    # moved, not scrambled: about the same volume (scales within 8 %), still overlapping the original
+    assert 0.7 < float(lab.sum()) / float(labels.sum()) < 1.4
+    assert metrics.dice(lab.numpy(), labels.numpy())[1] > 0.4
+    inside, outside = img[lab == 1], img[lab == 0]
+    assert float(inside.mean()) > float(outside.mean()) + 0.7
+
+
+def test_real_pairs_move_labels_with_the_images():
+    """Augmented real pairs (pairs.RealPairSource) deform both images and their labels alike: intensity
+    augmentation alone would leave every label map equal to a training subject's."""
+    volumes = []
+    for name, (lo, hi) in (("a", (8, 24)), ("b", (6, 20))):
+        labels = np.zeros(SHAPE, np.int64)
+        labels[lo:hi, lo:hi, lo:hi] = 1
+        volumes.append(pairs.Volume(name, (0.8 * labels).astype(np.float32), labels))
+    source = pairs.RealPairSource(pairs.RealData(volumes))
+    pair = source.sample(synth.make_generator(0), batch=3)
+    again = source.sample(synth.make_generator(0), batch=3)
+    assert torch.equal(pair.moving, again.moving) and torch.equal(pair.fixed_labels, again.fixed_labels)
+    for images, label_maps in ((pair.moving, pair.moving_labels), (pair.fixed, pair.fixed_labels)):
+        for image, lab in zip(images[:, 0], label_maps[:, 0].numpy()):
+            changed = min(float(np.mean(lab != v.labels)) for v in volumes)
+            assert changed > 0.02, changed
+            assert float(image[lab == 1].mean()) > float(image[lab == 0].mean()) + 0.7
+
+
+def _label_mean_differences(cfg: synth.SynthConfig, seed: int = 0) -> np.ndarray:
+    """Mean intensity of each label in the moving image minus that in the fixed one (labels both maps have)."""
+    pair = synth.synth_pair(synth.make_generator(seed), SHAPE, cfg=cfg)
     assert pair.moving.shape == (1, 1, *SHAPE)
+    moving, fixed = pair.moving[0, 0].numpy(), pair.fixed[0, 0].numpy()
+    ml, fl = pair.moving_labels[0, 0].numpy(), pair.fixed_labels[0, 0].numpy()
+    common = sorted(set(np.unique(ml)) & set(np.unique(fl)))
+    assert len(common) >= cfg.num_labels - 2
+    return np.array([moving[ml == lab].mean() - fixed[fl == lab].mean() for lab in common])
+
+
+# No texture, bias, blur or noise: a label's intensity is its mean, so the contrasts can be compared directly.
+CLEAN = dict(texture_std=0.0, bias_std=0.0, blur_max=0.0, noise_max=0.0)
+
+
+def test_independent_contrast_and_bad_config():
+    jitter = synth.SynthConfig().intensity_jitter
+    # shared: the fixed image's label means are the moving ones plus a N(0, jitter) jitter...
+    shared = _label_mean_differences(synth.SynthConfig(**CLEAN))
+    rms = float(np.sqrt(np.mean(shared**2)))
+    assert 0.5 * jitter < rms < 1.6 * jitter and np.abs(shared).max() < 4 * jitter, shared
+    # ... and without jitter exactly the same
+    assert np.abs(_label_mean_differences(synth.SynthConfig(intensity_jitter=0.0, **CLEAN))).max() < 1e-5
+    # independent: unrelated means, most labels far apart
+    independent = _label_mean_differences(synth.SynthConfig(contrast="independent", **CLEAN))
+    assert np.mean(np.abs(independent) > jitter) > 2 / 3, independent
+    assert float(np.sqrt(np.mean(independent**2))) > 4 * jitter
     with pytest.raises(ValueError, match="contrast"):
         synth.SynthConfig(contrast="weird")
 
@@ -128,6 +191,25 @@ def test_independent_contrast_and_bad_config():
 def test_gaussian_blur_preserves_constants():
     x = torch.full((1, 1, 8, 8, 8), 0.5)
     assert torch.allclose(synth.gaussian_blur(x, 1.0), x)
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.5])
+def test_gaussian_blur_of_an_impulse_is_the_gaussian(sigma):
+    """A unit impulse blurs into the separable, normalised sampled Gaussian of that sigma (which the constant
+    test cannot tell from no blur at all): it sums to 1 and its variance along each axis is sigma^2 voxels."""
+    n, c = 21, 10
+    x = torch.zeros(1, 1, n, n, n, dtype=torch.float64)
+    x[0, 0, c, c, c] = 1.0
+    y = synth.gaussian_blur(x, sigma)[0, 0].numpy()
+    t = np.arange(n) - c
+    g = np.where(np.abs(t) <= np.ceil(3 * sigma), np.exp(-0.5 * (t / sigma) ** 2), 0.0)  # cut at 3 sigma
+    g /= g.sum()
+    np.testing.assert_allclose(y, np.einsum("i,j,k->ijk", g, g, g), atol=1e-12)
+    assert y.sum() == pytest.approx(1.0)
+    for axis in range(3):
+        profile = y.sum(axis=tuple(a for a in range(3) if a != axis))
+        assert float((profile * t).sum()) == pytest.approx(0.0, abs=1e-12)
+        assert float((profile * t**2).sum()) == pytest.approx(sigma**2, rel=0.02)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,9 @@ the device and the outputs are validated, and this module is the only place wher
 
 from __future__ import annotations
 
+import argparse
 import math
+import re
 from dataclasses import dataclass, field
 
 from .errors import InputError
@@ -37,9 +39,17 @@ DEFAULT_OUTPUTS = ("warped", "displacement", "jacobian", "folding")
 def check_device(device: str | None) -> str:
     """``device`` if it names one torch can be asked for (auto, cpu, cuda or cuda:N), else ``InputError``."""
     name = "auto" if device is None else str(device)
-    if name not in ("auto", "cpu") and not name.startswith("cuda"):
-        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N (N: the GPU's index)")
     return name
+
+
+def device_argument(text: str) -> str:
+    """``check_device`` for argparse (``--device``): the same names, the error as a usage error (exit 2)."""
+    try:
+        return check_device(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -154,4 +164,5 @@ __all__ = [
     "SIMILARITY_TERMS",
     "RegistrationOptions",
     "check_device",
+    "device_argument",
 ]

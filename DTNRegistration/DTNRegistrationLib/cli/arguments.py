@@ -8,11 +8,11 @@ from .. import __version__
 from ..options import (
     DEFAULT_OUTPUTS,
     DEFAULT_SIMILARITY,
-    DEVICE_NAMES,
     OUTPUT_NAMES,
     PRESET_NAMES,
     SIMILARITY_NAMES,
     RegistrationOptions,
+    device_argument,
 )
 
 
@@ -26,7 +26,7 @@ def _output_list(text: str) -> tuple[str, ...]:
 
 def add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="smoothness weight (default: the model's)")
-    parser.add_argument("--device", default="auto", choices=sorted(DEVICE_NAMES))
+    parser.add_argument("--device", default="auto", type=device_argument, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--model", default=None, help="shipped model name or a .safetensors path")
     parser.add_argument(
         "--preset",

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import InputError
-from ..options import DEVICE_NAMES, RegistrationOptions
+from ..options import RegistrationOptions, device_argument
 from .inputs import PairSpec, check_pairs, pairs_from_atlas, pairs_from_csv, pairs_from_dataset_json
 from .run import DEFAULT_ALPHAS, evaluate
 
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--alphas", default=DEFAULT_ALPHAS, help="alphas of the Fig. 2(b) sweep (comma-separated; '' to skip)"
     )
     parser.add_argument("--alpha-pair", help="pair name for the alpha sweep (default: the first labelled pair)")
-    parser.add_argument("--device", default="auto", choices=sorted(DEVICE_NAMES))
+    parser.add_argument("--device", default="auto", type=device_argument, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--title", default="Registration evaluation", help="the report's title")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
