@@ -147,7 +147,8 @@ def test_end_to_end_report_csv_figures_and_resume(dataset, tmp_path):
         refine=0,
     )
     dtn_shifted = [float(r["dice"]) for r in rows if r["pair"] == "shifted" and r["method"] == dtn.label]
-    assert sorted(dtn_shifted) == pytest.approx(sorted(direct.metrics["dice"].values()), abs=1e-4)
+    # to a few voxels: the affine's threads sum in any order, and one voxel is 5e-4 of a structure's Dice here
+    assert sorted(dtn_shifted) == pytest.approx(sorted(direct.metrics["dice"].values()), abs=5e-3)
     assert {r["merged_structure"] for r in rows} == {"Outer", "Blob"}
     assert all(float(r["folding_count"]) >= 0 and float(r["time_s"]) >= 0 for r in rows)
 

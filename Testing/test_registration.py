@@ -160,7 +160,7 @@ def test_the_fixed_mask_confines_the_similarity(known_pair, tiny_model):
         return float(np.abs(fields[0] - fields[1])[half == 1].max())
 
     assert change_inside(None) > 0.1  # the corruption matters when the whole image is matched
-    assert change_inside(_image(half)) == 0.0
+    assert change_inside(_image(half)) < 1e-3  # 0 in every run so far; a bound, not equality, against round-off
 
 
 def test_same_physical_result_in_any_orientation(known_pair, tiny_model):
