@@ -37,6 +37,19 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def rough_network_field(monkeypatch):
+    """``register()`` starts from a rough random velocity (the network's safeguard bypassed): its maps fold."""
+    from DTNRegistrationLib.core import registration
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rough_start(velocity, *args, **kwargs):
+        return 3.0 * torch.randn(velocity.shape, generator=generator), "network"
+
+    monkeypatch.setattr(registration, "better_start", rough_start)
+
+
 def blob_volume(shape=(32, 32, 32), centre=None, radius=6.0) -> np.ndarray:
     """A smooth ball of intensity 1 on 0."""
     centre = np.array(shape) / 2.0 if centre is None else np.asarray(centre, float)

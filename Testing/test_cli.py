@@ -245,17 +245,9 @@ def test_only_the_outputs_asked_for_are_written_and_float_maps_are_valid_gzip(fi
     assert exit_info.value.code == 2
 
 
-def test_the_folding_file_marks_the_folds_that_the_report_counts(files, tmp_path, monkeypatch):
+def test_the_folding_file_marks_the_folds_that_the_report_counts(files, tmp_path, rough_network_field):
     """A rough velocity (the network's safeguard bypassed) folds the map; the written folding map is exactly
     det J <= 0 of the written Jacobian, and the report counts its voxels."""
-    from DTNRegistrationLib.core import registration
-
-    generator = torch.Generator().manual_seed(0)
-
-    def rough_start(velocity, *args, **kwargs):
-        return 3.0 * torch.randn(velocity.shape, generator=generator), "network"
-
-    monkeypatch.setattr(registration, "better_start", rough_start)
     out = tmp_path / "out"
     assert run(files, out) == 0
     folding = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "folding.nii.gz")))

@@ -109,17 +109,17 @@ def test_jacobian_and_folding_agree(refined):
     assert refined.metrics["folding_count"] == int((jac <= 0).sum())
 
 
-def test_a_folded_map_is_reported_voxel_for_voxel_and_inside_the_mask(known_pair, tiny_model, monkeypatch):
-    """A rough velocity (the network's safeguard bypassed, no refinement) folds the map: the folding image marks
-    exactly the voxels where det J <= 0, and the report's folding and SDlogJ cover the fixed mask only."""
-    generator = torch.Generator().manual_seed(0)
-
-    def rough_start(velocity, *args, **kwargs):
-        return 3.0 * torch.randn(velocity.shape, generator=generator), "network"
-
-    monkeypatch.setattr(registration, "better_start", rough_start)
+def _half_mask() -> np.ndarray:
+    """A fixed mask over the first half of the x axis."""
     half = np.zeros(SHAPE, np.uint8)
     half[:, :, : SHAPE[2] // 2] = 1
+    return half
+
+
+def test_a_folded_map_is_reported_voxel_for_voxel_and_inside_the_mask(known_pair, tiny_model, rough_network_field):
+    """A rough velocity (the network's safeguard bypassed, no refinement) folds the map: the folding image marks
+    exactly the voxels where det J <= 0, and the report's folding and SDlogJ cover the fixed mask only."""
+    half = _half_mask()
     mask = _image(half)
     result = registration.register(
         known_pair["moving"], known_pair["fixed"], model=tiny_model, refine=0, affine=False, mask=mask
@@ -139,8 +139,7 @@ def test_the_fixed_mask_confines_the_similarity(known_pair, tiny_model):
     """With a mask over one half of the fixed image, what the fixed image holds far outside it (16 mm past the
     edge, beyond the similarity's margin) does not change the map inside the mask at all; without the mask it
     does. (Refinement's Adam steps amplify any leak: even a changed intensity scaling would show.)"""
-    half = np.zeros(SHAPE, np.uint8)
-    half[:, :, : SHAPE[2] // 2] = 1
+    half = _half_mask()
     far = (slice(None), slice(None), slice(SHAPE[2] // 2 + 8, None))
     array = sitk.GetArrayFromImage(known_pair["fixed"])
     region = array[far]  # its tissue replaced by bright noise; the background level (intensity scaling) is kept
