@@ -70,17 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     reg = sub.add_parser("register", help="register one moving image onto one fixed image")
-    reg.add_argument("--moving", required=True)
-    reg.add_argument("--fixed", required=True)
-    reg.add_argument("--moving-labels")
-    reg.add_argument("--fixed-labels")
+    reg.add_argument("--moving", required=True, help="image to deform (NIfTI, NRRD, MetaImage or a DICOM folder)")
+    reg.add_argument("--fixed", required=True, help="image to register onto: the outputs are on its grid")
+    reg.add_argument("--moving-labels", help="label map of the moving image, warped onto the fixed image")
+    reg.add_argument("--fixed-labels", help="label map of the fixed image: Dice per label in report.json")
     reg.add_argument("--mask", help="fixed-image mask restricting the similarity (e.g. a brain mask)")
     reg.add_argument(
         "--moving-mask",
         help="moving-image mask: where it is 0 (a lesion or resection cavity the fixed image lacks) is left out of "
         "the similarity",
     )
-    reg.add_argument("--output-dir", required=True)
+    reg.add_argument("--output-dir", required=True, help="folder for the outputs and report.json (created)")
     reg.add_argument("--scene", help="also write a Slicer scene (.mrb) with the result nodes (needs slicer-core)")
     add_registration_options(reg)
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output-dir", required=True, help="the shards' common --output-dir")
 
     demo = sub.add_parser("demo", help="register the bundled sample pair and draw a figure")
-    demo.add_argument("--output-dir", default="demo-output")
+    demo.add_argument("--output-dir", default="demo-output", help="folder for the outputs (default: demo-output)")
     add_registration_options(demo)
 
     bench = sub.add_parser("benchmark", help="print speed and memory figures of the network")

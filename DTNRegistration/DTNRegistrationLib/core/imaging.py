@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from . import dicom
 from .file_checks import data_problem
 
 SIZE_MULTIPLE = 16
@@ -44,6 +45,9 @@ def read_labels(path: str | os.PathLike, reference: sitk.Image | None = None, wh
 
 def _read(path: str | os.PathLike, what: str) -> sitk.Image:
     path = Path(path)
+    series = dicom.series_location(path)
+    if series is not None:
+        return squeeze_to_3d(dicom.read_series(*series, what), f"{what} {path}")
     if not path.exists():
         raise InputError(f"{what} {path}: file not found")
     if not path.is_file() or not os.access(path, os.R_OK):
@@ -59,6 +63,8 @@ def _read(path: str | os.PathLike, what: str) -> sitk.Image:
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown format"
         raise InputError(f"{what} {path}: cannot be read as an image ({reason})") from None
+    if (image.GetDimension() == 2 or image.GetSize()[2] == 1) and dicom.is_dicom_file(path):
+        raise InputError(f"{what} {path}: one DICOM slice; give the folder that holds its series")
     return squeeze_to_3d(image, f"{what} {path}")
 
 

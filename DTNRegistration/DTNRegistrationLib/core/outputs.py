@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..errors import InputError
+from . import dicom
 from .result import LABELS_NAME, REPORT_NAME, RegistrationResult
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -147,12 +148,18 @@ def report(result: RegistrationResult, inputs: dict | None = None) -> dict:
 
 
 def file_fingerprint(path: str | os.PathLike | None) -> dict | None:
-    """Resolved path, size and modification time of an input: enough to notice it was replaced or edited."""
+    """Resolved path, size and modification time of an input: enough to notice it was replaced or edited. A DICOM
+    series (a folder, or ``FOLDER/<series UID>``) counts every file of its folder: sizes summed, the latest time."""
     if path is None:
         return None
     path = Path(path).resolve()
-    stat = path.stat()
-    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    series = dicom.series_location(path)
+    stats = [f.stat() for f in sorted(series[0].iterdir()) if f.is_file()] if series else [path.stat()]
+    return {
+        "path": str(path),
+        "bytes": sum(stat.st_size for stat in stats),
+        "mtime_ns": max((stat.st_mtime_ns for stat in stats), default=0),
+    }
 
 
 def versions() -> dict:
