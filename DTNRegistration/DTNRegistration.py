@@ -42,7 +42,7 @@ REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 # DTNRegistrationLib.options (DEVICE_NAMES, PRESET_NAMES, SIMILARITY_NAMES, DEFAULT_ALPHA, ALPHA_RANGE), which
 # Testing/test_module_ui.py checks are equal.
 DEVICES = ["auto", "cuda", "cpu"]
-PRESETS = ["fast", "accurate"]
+PRESETS = ["fast", "accurate", "longitudinal"]
 SIMILARITIES = ["auto", "ncc", "ngf", "mind", "l1", "mse"]
 DEFAULT_ALPHA = 0.1
 ALPHA_RANGE = (0.01, 1.0)
@@ -74,10 +74,13 @@ Deformable (diffeomorphic) registration of brain MRI with a Dual Transformer Net
 two images globally; a decoder predicts a stationary velocity field v, integrated by scaling and squaring into the
 deformation exp(v), which is invertible (diffeomorphic). Test-time refinement then optimises the velocity on this
 pair (local normalised cross-correlation + alpha times the velocity's smoothness), coarse to fine.</p>
-<p><b>Quality</b>: <i>Fast</i> (the default) refines at 4 and 2 mm: seconds on a GPU, about 10 s for a 1 mm brain
+<p><b>Preset</b>: <i>Fast</i> (the default) refines at 4 and 2 mm: seconds on a GPU, about 10 s for a 1 mm brain
 on a laptop CPU; pick it for most work and for every interactive check. <i>Accurate</i> adds a level on a 1 mm grid
 and keeps the deformation smoother (it fits image noise less): several times slower on a CPU, it aligns the anatomy
-more closely; pick it for label propagation and measurements you will report. Advanced &gt; Custom refinement sets
+more closely; pick it for label propagation and measurements you will report. <i>Longitudinal</i> is for two scans
+of the same person: a rigid alignment (no scaling, which would hide a real change of volume) and no network, and
+the deformation stays near zero where the images agree, so the Jacobian map shows change, not noise (about as fast
+as Fast). Advanced &gt; Custom refinement sets
 a number of steps on the 2 mm grid instead (0: the network's prediction alone).</p>
 <p><b>Inputs</b>: a moving and a fixed volume (any orientation; an affine initialisation runs first),
 optionally a segmentation of the moving volume to propagate, a mask of the fixed volume and, under Advanced, what
@@ -161,7 +164,8 @@ class DTNRegistrationParameterNode:
     movingVolume, fixedVolume: the images to register (moving onto fixed).
     movingSegmentation: optional segmentation of the moving volume, propagated onto the fixed one.
     alpha: smoothness weight; device: auto, cuda or cpu; model: shipped model name or weights file ("" default).
-    preset: refinement schedule, fast (coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level, smoother);
+    preset: refinement schedule, fast (coarse to fine at 4 and 2 mm), accurate (adds a 1 mm level, smoother) or
+    longitudinal (same subject: rigid alignment, no network, deformation only where the images differ);
     customRefinement, refineSteps: instead of the preset, this many steps on the 2 mm grid (0: the network alone);
     refineSimilarity: auto (ncc for one contrast, ngf when the contrasts differ), ncc, ngf, mind, l1 or mse;
     affine: affine initialisation; mask: optional fixed-image mask; movingExclusion: optional label map or

@@ -4,6 +4,7 @@ a series with a lost slice or an unreadable file is refused instead of becoming 
 from __future__ import annotations
 
 import json
+import locale
 import os
 
 import numpy as np
@@ -39,6 +40,7 @@ def write_series(image: sitk.Image, folder, uid: str, description: str) -> list:
     volume = sitk.Cast(image, sitk.sitkInt16)
     depth = image.GetDepth()
     paths = []
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves LC_CTYPE at "C" (ASCII) behind it
     for k in range(depth):
         slice_ = volume[:, :, k]
         for tag, value in tags.items():
@@ -50,6 +52,7 @@ def write_series(image: sitk.Image, folder, uid: str, description: str) -> list:
         writer.SetFileName(str(path))
         writer.Execute(slice_)
         paths.append(path)
+    locale.setlocale(locale.LC_ALL, saved_locale)
     return paths
 
 

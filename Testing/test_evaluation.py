@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import math
 import shutil
 from pathlib import Path
@@ -258,3 +259,18 @@ def test_bad_method_specs_are_refused():
         check_pairs([])
     with pytest.raises(InputError, match="file not found"):
         check_pairs([PairSpec("x", Path("/no/such.nii.gz"), Path("/no/such.nii.gz"))])
+
+
+def test_text_outputs_are_utf8_whatever_the_locale(tmp_path):
+    """A report with a minus sign and a patient folder with an accent, written under an ASCII locale (GDCM's DICOM
+    writer leaves one behind; a Windows code page refuses the minus too): UTF-8 on disk, no UnicodeEncodeError."""
+    from DTNRegistrationLib.evaluate.report import write_text
+
+    saved = locale.setlocale(locale.LC_ALL)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        text = "| A \u2212 B | /data/M\u00fcller |\n"
+        write_text(tmp_path / "report.md", text)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    assert (tmp_path / "report.md").read_bytes() == text.encode("utf-8")

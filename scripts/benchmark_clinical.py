@@ -138,7 +138,7 @@ def run(case: dict, out: Path) -> dict:
     if case["labels"]:
         command += ["--moving-labels", str(Path(case["moving"]).parent / f"{case['labels'][0]}.nii.gz")]
     seconds, peak_mb = timed_process(command)
-    report = json.loads((out / "report.json").read_text())["metrics"]
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))["metrics"]
     row = {"seconds": seconds, "peak_mb": peak_mb, **{k: report.get(k) for k in ("folding_count", "jacobian_min")}}
     row.update(coverage=report.get("moving_coverage_percent"), warnings=report.get("warnings"))
     if case["region"]:  # det J and folding where the map sends the fixed brain into the cavity, mask or not

@@ -252,7 +252,7 @@ def time_register(weights: Path, device: str, out: Path) -> list[dict]:
         start = time.perf_counter()
         subprocess.run(command, check=True, env=env)
         wall = time.perf_counter() - start
-        report = json.loads((target / "report.json").read_text())
+        report = json.loads((target / "report.json").read_text(encoding="utf-8"))
         rows.append(
             {
                 "refine": report["metrics"].get("refine_steps"),
@@ -364,7 +364,7 @@ def _write_json(path: Path, doc: dict) -> None:
             return [clean(v) for v in x]
         return x
 
-    path.write_text(json.dumps(clean(doc), indent=2))
+    path.write_text(json.dumps(clean(doc), indent=2), encoding="utf-8")
 
 
 def _check_outputs(out: Path) -> None:

@@ -99,7 +99,7 @@ def prepare_dev(src: Path, out: Path) -> Path:
     f["robex_brain"] = _write_once(_like((inside * BRAIN).astype(np.uint8), robex), out / "robex_brain.nii.gz")
     pydeface = to_2mm(imaging.read_image(src / "pydeface_meanhead_t1.nii.gz"), sitk.sitkLinear)
     f["pydeface"] = _write_once(pydeface, out / "pydeface_head_t1.nii.gz")
-    (out / "labels.txt").write_text(DEV_LUT)
+    (out / "labels.txt").write_text(DEV_LUT, encoding="utf-8")
     return _pairs_csv(out / "pairs.csv", _dev_pairs(f))
 
 
@@ -134,7 +134,7 @@ def _dev_pairs(f: dict[str, Path]) -> list[dict]:
 
 def _pairs_csv(path: Path, rows: list[dict]) -> Path:
     columns = ["name", "moving", "fixed", "moving_labels", "fixed_labels", "mask"]
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         for row in rows:
@@ -224,7 +224,7 @@ def run_set(args, name: str, pairs_csv: Path, table: str, title: str) -> Path:
 def embed(report: Path, prefix: str, figures: Path) -> str:
     """A set's report as a section of docs/results.md: headings one level down, figures copied beside it."""
     figures.mkdir(parents=True, exist_ok=True)
-    text = report.read_text()
+    text = report.read_text(encoding="utf-8")
     for png in report.parent.glob("*.png"):
         shutil.copyfile(png, figures / f"{prefix}_{png.name}")
         text = text.replace(f"]({png.name})", f"]({figures.name}/{prefix}_{png.name})")
@@ -249,7 +249,7 @@ def write_results(args, sections: list[str], minutes: float) -> None:
         missing="" if baselines else MISSING_BASELINE,
     )
     text = header + "\n" + "\n".join(sections) + "\n" + USAGE
-    files.atomic_write(DOCS / "results.md", lambda tmp: Path(tmp).write_text(text))
+    files.atomic_write(DOCS / "results.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 HEADER = """# Results: DTN against its baselines

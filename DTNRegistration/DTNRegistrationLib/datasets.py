@@ -124,7 +124,7 @@ def read_dataset_json(path: str | os.PathLike) -> JsonDataset:
     if not path.is_file():
         raise DataError(f"dataset JSON {path}: file not found")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"dataset JSON {path}: not valid JSON ({err})") from None
     if not isinstance(doc, dict) or not doc.get("training"):

@@ -20,9 +20,11 @@ from .errors import InputError
 DEFAULT_ALPHA = 0.1
 ALPHA_RANGE = (0.01, 1.0)
 # Refinement presets (their schedules: core.refinement.PRESETS). fast: coarse to fine at 4 and 2 mm, the default;
-# accurate: a further level on a 1 mm grid.
-PRESET_NAMES = ("fast", "accurate")
+# accurate: a further level on a 1 mm grid; longitudinal: the same subject scanned again, aligned rigidly (an
+# affine's scaling would take up a real change of volume), deforming only where the images differ.
+PRESET_NAMES = ("fast", "accurate", "longitudinal")
 DEFAULT_PRESET = "fast"
+RIGID_PRESETS = ("longitudinal",)
 # Refinement similarities (core.losses.SIMILARITIES and auto). auto: local NCC when both images have one contrast,
 # normalised gradient fields when their intensities at corresponding points clearly disagree (core/modality.py).
 # The similarity terms themselves (core.losses.SIMILARITIES; training chooses among these), named here without torch.
@@ -97,6 +99,11 @@ class RegistrationOptions:
         if unknown or not outputs:
             raise InputError(f"unknown output(s) {unknown}; choose from {','.join(OUTPUT_NAMES)}")
         object.__setattr__(self, "outputs", outputs)
+
+    @property
+    def rigid(self) -> bool:
+        """Whether the initial alignment is rigid instead of affine (the preset's choice, also with ``refine``)."""
+        return self.preset in RIGID_PRESETS
 
     @property
     def preset_name(self) -> str:

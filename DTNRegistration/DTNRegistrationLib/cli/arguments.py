@@ -32,8 +32,9 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=PRESET_NAMES,
         default=None,
-        help="refinement schedule: fast (default; coarse to fine at 4 and 2 mm) or accurate (adds a 1 mm level, "
-        "smoother map)",
+        help="refinement schedule: fast (default; coarse to fine at 4 and 2 mm), accurate (adds a 1 mm level, "
+        "smoother map) or longitudinal (two scans of one person: rigid alignment, no network, no deformation where "
+        "the images agree)",
     )
     parser.add_argument(
         "--refine", type=int, default=None, help="N steps on the 2 mm grid instead of the preset (0: network alone)"

@@ -83,7 +83,7 @@ def check_done(folder: Path, row: dict, options: dict, model_sha256: str) -> tup
     """(the pair's report, None) if its outputs are complete and were made from these inputs, model and options;
     else (None, why not), the reason being None when there is no report at all."""
     try:
-        report = json.loads((folder / "report.json").read_text())
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError):
@@ -185,7 +185,7 @@ def write_summary(path: Path, records: list[dict]) -> None:
     """Write the CSV atomically (a temporary file renamed), so a reader never sees half of it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, FIELDS)
             writer.writeheader()
             writer.writerows(records)
@@ -230,7 +230,7 @@ def merge_summaries(output_dir: str | os.PathLike) -> int:
 
 
 def _read_summary(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != FIELDS:
             raise InputError(f"{path}: not a batch summary (columns {', '.join(FIELDS)} expected)")

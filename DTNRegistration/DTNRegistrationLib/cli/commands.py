@@ -100,7 +100,8 @@ def _run_pair(
         provenance = {"input_files": input_fingerprints(inputs), "options": requested_options(args)}
         options = registration_options(args)
         images = dict(moving_labels=m_labels, fixed_labels=f_labels, mask=mask_img, moving_mask=moving_mask_img)
-        prepared = alignment.align(moving_img, fixed_img, **images, affine=options.affine, progress=progress)
+        start = dict(affine=options.affine, rigid=options.rigid, progress=progress)
+        prepared = alignment.align(moving_img, fixed_img, **images, **start)
         loaded = loaded.result() if isinstance(loaded, Future) else loaded
         from ..core import registration  # torch: loaded by now
 

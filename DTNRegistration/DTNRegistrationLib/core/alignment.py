@@ -39,10 +39,12 @@ def align(
     mask: sitk.Image | None = None,
     moving_mask: sitk.Image | None = None,
     affine: bool = True,
+    rigid: bool = False,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Alignment:
-    """Check the inputs (``InputError`` naming the problem) and find the affine start of the registration."""
+    """Check the inputs (``InputError`` naming the problem) and find the affine start of the registration (with
+    ``rigid``, a rotation and translation only)."""
     stages = Stages(progress, cancel)
     stages.begin("validate", 0.0, "checking inputs")
     moving, fixed = checked_inputs(moving, fixed, moving_labels, fixed_labels, mask)
@@ -52,7 +54,7 @@ def align(
     moving_fg = moving_foreground(moving, moving_mask)
     transform = sitk.AffineTransform(3)
     if affine:
-        transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg)
+        transform = imaging.affine_initialisation(moving, fixed, fixed_fg, moving_mask=moving_fg, rigid=rigid)
     stages.end()
     return Alignment(moving, fixed, fixed_fg, moving_fg, transform, stages.timings)
 

@@ -26,7 +26,7 @@ def registry(models_dir: str | os.PathLike = MODELS_DIR) -> dict:
     if not path.is_file():
         return {"default": None, "models": {}}
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: the model registry cannot be read ({err})") from err
 

@@ -112,7 +112,7 @@ def write_result(
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(write, images))
     content = {**report(result, inputs), **(provenance or {}), "outputs": [name + extension for name in images]}
-    stage.path(REPORT_NAME).write_text(json.dumps(content, indent=2) + "\n")
+    stage.path(REPORT_NAME).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 def write_stored_gzip(image: sitk.Image, path: Path) -> None:

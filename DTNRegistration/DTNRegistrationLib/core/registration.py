@@ -74,7 +74,8 @@ def register(
     torch_device = resolve_device(options.device)
     if prepared is None:
         inputs = dict(moving_labels=moving_labels, fixed_labels=fixed_labels, mask=mask, moving_mask=moving_mask)
-        prepared = alignment.align(moving, fixed, **inputs, affine=options.affine, progress=progress, cancel=cancel)
+        align_options = dict(affine=options.affine, rigid=options.rigid, progress=progress, cancel=cancel)
+        prepared = alignment.align(moving, fixed, **inputs, **align_options)
     moving, fixed, fixed_fg, moving_fg = prepared.moving, prepared.fixed, prepared.fixed_fg, prepared.moving_fg
     transform = prepared.transform
     start = time.perf_counter()  # the total adds the alignment's own steps, made here or beforehand
@@ -87,7 +88,6 @@ def register(
     schedule = refinement_schedule(options.preset, options.refine).for_image_spacing(min(fixed.GetSpacing()))
 
     stages.begin("preprocess", 0.2, "resampling onto the model grid")
-    factor = work_grid_factor(loaded.spacing_mm)
     reference = work_grid(fixed, fixed_fg, loaded.spacing_mm)
     fixed_norm = imaging.normalize_intensity(fixed, fixed_fg)
     moving_norm = imaging.normalize_intensity(moving, moving_fg)
@@ -99,34 +99,30 @@ def register(
         options.refine_similarity, moving_grid, fixed_grid, support, SAME_CONTRAST_SIMILARITY
     )
 
-    stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
     pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
-    network_pair = pair
-    if factor > 1:  # the network's own (coarser) grid, resampled from the originals as in training
-        coarse = imaging.coarser_grid(reference, factor)
-        network_pair = (
-            _tensor(imaging.resample(moving_norm, coarse, transform=transform), torch_device),
-            _tensor(imaging.resample(fixed_norm, coarse), torch_device),
-        )
-    velocity = _predict(loaded, *network_pair, alpha)
-    if factor > 1:  # onto the work grid's velocity grid, voxel units rescaled
-        velocity = spatial.resize_field(velocity, tuple(n * factor for n in velocity.shape[2:]))
-    if velocity.device.type != torch_device.type:  # the network fell back to the CPU: so does everything after it
-        torch_device = velocity.device
-        pair = tuple(t.to(torch_device) for t in pair)
+    if schedule.network_start:
+        stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
+        velocity = _network_velocity(loaded, pair, (moving_norm, fixed_norm), reference, transform, alpha)
+        if velocity.device.type != torch_device.type:  # the network fell back to the CPU: so does everything after
+            torch_device = velocity.device
+            pair = tuple(t.to(torch_device) for t in pair)
+    else:  # the preset starts from the alignment (velocity on the work grid's velocity grid, as the network's)
+        velocity = torch.zeros(1, 3, *(max(2, n // 2) for n in pair[1].shape[2:]), device=torch_device)
     mask_t = None if mask_grid is None else similarity_region(_tensor(mask_grid, torch_device), reference)
     valid_t = torch.from_numpy(support.valid).to(torch_device)[None, None] if support.needed else None
     steps = loaded.config.integration_steps
     refine_alpha = schedule.refinement_alpha(alpha, similarity)
-    velocity, origin = better_start(
-        velocity,
-        *pair,
-        alpha=refine_alpha,
-        similarity=similarity,
-        mask=mask_t,
-        integration_steps=steps,
-        moving_mask=valid_t,
-    )
+    origin = "alignment (this preset uses no network)"
+    if schedule.network_start:
+        velocity, origin = better_start(
+            velocity,
+            *pair,
+            alpha=refine_alpha,
+            similarity=similarity,
+            mask=mask_t,
+            integration_steps=steps,
+            moving_mask=valid_t,
+        )
     refine_info = {
         "start": origin,
         "preset": None if options.refine is not None else options.preset_name,
@@ -216,6 +212,25 @@ def work_grid_factor(network_spacing_mm: float) -> int:
     ratio = network_spacing_mm / WORK_SPACING_MM
     factor = round(ratio)
     return factor if factor > 1 and abs(ratio - factor) < 1e-6 else 1
+
+
+def _network_velocity(loaded: LoadedModel, pair, normalised, reference: sitk.Image, transform, alpha: float):
+    """The network's velocity for the (moving, fixed) ``pair`` of the work grid, on the work grid's velocity grid.
+    A network coarser than the work grid sees the ``normalised`` images resampled onto its own grid instead, from
+    the originals, as in training."""
+    factor = work_grid_factor(loaded.spacing_mm)
+    if factor > 1:
+        coarse = imaging.coarser_grid(reference, factor)
+        device = pair[0].device
+        moving_norm, fixed_norm = normalised
+        pair = (
+            _tensor(imaging.resample(moving_norm, coarse, transform=transform), device),
+            _tensor(imaging.resample(fixed_norm, coarse), device),
+        )
+    velocity = _predict(loaded, *pair, alpha)
+    if factor > 1:  # onto the work grid's velocity grid, voxel units rescaled
+        velocity = spatial.resize_field(velocity, tuple(n * factor for n in velocity.shape[2:]))
+    return velocity
 
 
 def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:

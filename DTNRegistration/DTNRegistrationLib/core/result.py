@@ -48,7 +48,7 @@ def read_result(folder: str | os.PathLike, extension: str = ".nrrd") -> Registra
     folder = Path(folder)
     report_path = folder / REPORT_NAME
     try:
-        report = json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise RegistrationFailed(f"the registration wrote no readable report ({report_path}: {err})") from None
 

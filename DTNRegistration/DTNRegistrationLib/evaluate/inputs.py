@@ -51,7 +51,7 @@ def pairs_from_csv(path: str | Path) -> list[PairSpec]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"pairs file {path}: file not found")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM too
         rows = list(csv.DictReader(handle))
     if not rows or not {"moving", "fixed"} <= set(rows[0]):
         raise InputError(f"pairs file {path}: needs a header with at least the columns moving,fixed")

@@ -18,7 +18,7 @@ def read_lut(path: str | os.PathLike) -> dict[int, str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"label table {path}: file not found")
-    text = path.read_text(errors="replace")
+    text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() == ".json":
         try:
             return {int(k): str(v) for k, v in json.loads(text).items()}

@@ -174,7 +174,7 @@ def _csv_value(value):
 def write_text(path: str | os.PathLike, text: str) -> None:
     from ..files import atomic_write
 
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- report

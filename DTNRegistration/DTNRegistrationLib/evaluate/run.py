@@ -137,7 +137,7 @@ class ResultCache:
 
     def load(self, path: Path) -> dict | None:
         try:
-            return json.loads(path.read_text()) if path.is_file() else None
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         except (OSError, ValueError):
             return None  # a damaged entry is recomputed
 

@@ -259,7 +259,7 @@ class RegistrationRunner:
     def log(self) -> str:
         """What the child wrote on stderr (tracebacks, warnings, the summary)."""
         try:
-            return self.log_path.read_text(errors="replace") if self.log_path else ""
+            return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path else ""
         except OSError:
             return ""
 

@@ -78,7 +78,7 @@ def missing_requirements(requirements_file: str | os.PathLike) -> list[str]:
     except ImportError:  # without `packaging`, only check that each package is there
         Requirement = None
     missing = []
-    for line in Path(requirements_file).read_text().splitlines():
+    for line in Path(requirements_file).read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -104,7 +104,7 @@ def write_pinning_constraints(packages: Sequence[str]) -> str:
     """
     lines = [f"{name}=={version}" for name in packages if (version := installed_version(name)) is not None]
     handle, path = tempfile.mkstemp(prefix="DTNRegistration-constraints-", suffix=".txt")
-    with os.fdopen(handle, "w") as stream:
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
         stream.write("\n".join(lines) + "\n")
     return path
 

@@ -36,7 +36,7 @@ class RunLog:
         if not enabled:
             return
         if resume_step is None or not self.path.is_file():
-            self.path.write_text(",".join(LOG_COLUMNS) + "\n")
+            self.path.write_text(",".join(LOG_COLUMNS) + "\n", encoding="utf-8")
         else:
             self._truncate(resume_step)
         try:
@@ -48,16 +48,16 @@ class RunLog:
 
     def _truncate(self, step: int) -> None:
         """Drop rows logged after the checkpoint being resumed (the resumed run logs them again)."""
-        with open(self.path, newline="") as handle:
+        with open(self.path, newline="", encoding="utf-8") as handle:
             rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
         text = ",".join(LOG_COLUMNS) + "\n" + "".join(",".join(r.get(c, "") for c in LOG_COLUMNS) + "\n" for r in rows)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         values = [_fmt(row.get(c, "")) for c in LOG_COLUMNS]
-        with open(self.path, "a") as handle:
+        with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(",".join(values) + "\n")
         if self.tb is not None:
             for key, value in row.items():
@@ -75,7 +75,7 @@ def _fmt(value) -> str:
 
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The rows of a training CSV log (for tests and plots)."""
-    with open(Path(path) / LOG_FILE if Path(path).is_dir() else path, newline="") as handle:
+    with open(Path(path) / LOG_FILE if Path(path).is_dir() else path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 

@@ -131,7 +131,10 @@ class Trainer:
         self.steps_per_second: float | None = None
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
+            atomic_write(
+                self.out / CONFIG_FILE,
+                lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8"),
+            )
         self.log = RunLog(self.out, self.step if self.state is not None else None, self.dist.main)
 
     def _seed_all(self) -> None:
