@@ -86,10 +86,11 @@ def single_level(steps: int, spacing_mm: float, window: int = 9, learning_rate: 
 # -0.002 and -0.012 to -0.03. x20, an NCC window of 7, more steps and an 8 mm level scored no higher.
 _FAST_LEVELS = (RefineLevel(4.0, 25, 5, 0.2, 2), RefineLevel(2.0, 5, 5, 0.12, 2))
 # longitudinal (same subject, another session; docs/benchmarks.md, section 8): fast's levels from the rigid alignment
-# (no network: it moves an image registered to itself by 0.8 mm on average), with Adam's steps floored (step_floor):
-# on the ICBM brain against a noisy rigid "rescan" of itself, 1.7 % of the brain changes volume by > 10 % (fast:
-# 45 %, PICSL greedy: 27 %), and a known local expansion is found as well as by fast (mean log det J 0.110 within
-# 8 mm of its centre against fast's 0.092; truth 0.199). Floors of 1 and 3 invent more and find no more.
+# (no network: its field for a brain against itself moves it by 1.1 mm on average), with Adam's steps floored
+# (step_floor): on the ICBM brain against a noisy rigid "rescan" of itself, 1.7 % of the brain changes volume by
+# more than 10 % (fast 45.5 %, PICSL greedy 27.6 %), and a known local expansion is found as well as by fast (mean
+# log det J 0.110 within 8 mm of its centre, fast 0.097, greedy 0.185; truth 0.199). Floors of 1 and 3 invented
+# more and found no more; on fast itself the floor costs Dice between subjects (section 8).
 PRESETS = {
     "fast": Schedule(_FAST_LEVELS, smoothness=3.0),
     "accurate": Schedule(
