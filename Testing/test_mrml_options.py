@@ -82,6 +82,7 @@ def test_a_bad_similarity_or_an_empty_left_out_region_is_refused(scene_inputs):
         RegistrationOptions(refine=0, refine_similarity="mind", outputs=("warped", "inverse")),
         RegistrationOptions(refine=7, alpha=1e-3, refine_similarity="mse", outputs=("displacement",)),
         RegistrationOptions(alpha=0.1 + 0.2, refine=7, preset="accurate", affine=False, model="weights.safetensors"),
+        RegistrationOptions(preset="longitudinal", refine=5),
     ],
     ids=[
         "defaults",
@@ -92,6 +93,7 @@ def test_a_bad_similarity_or_an_empty_left_out_region_is_refused(scene_inputs):
         "refine0-mind-outputs",
         "refine7-mse",
         "mixed",
+        "longitudinal-refine",
     ],
 )
 def test_options_round_trip_through_the_command_lines_own_parser(options):
@@ -99,10 +101,11 @@ def test_options_round_trip_through_the_command_lines_own_parser(options):
     real parser gives the same options."""
     args = build_parser().parse_args([*REGISTER_PREFIX, *options.arguments()])
     # Not carried by arguments(), legitimately: the model (the runner adds it, made absolute, since a relative path
-    # depends on the working directory; see test_runner_command_carries_the_fixed_mask_and_every_option), and the
-    # preset once a step count is given (--refine replaces the preset's schedule: the engine ignores it then).
-    expected = dataclasses.replace(options, model=None, preset=None if options.refine is not None else options.preset)
-    assert registration_options(args) == expected
+    # depends on the working directory; see test_runner_command_carries_the_fixed_mask_and_every_option). The preset
+    # is, with a step count too: --refine replaces its schedule, but it still chooses the alignment.
+    expected = dataclasses.replace(options, model=None)
+    parsed = registration_options(args)
+    assert parsed == expected and parsed.rigid == options.rigid
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda1", "cuda:", "cuda:x", "gpu"])

@@ -147,7 +147,7 @@ class RegistrationOptions:
         args += ["--device", self.device]
         if self.refine is not None:
             args += ["--refine", str(self.refine)]
-        elif self.preset:
+        if self.preset:  # also with --refine: the preset still chooses the alignment (rigid for longitudinal)
             args += ["--preset", self.preset]
         if self.refine_similarity != DEFAULT_SIMILARITY:
             args += ["--refine-similarity", self.refine_similarity]
