@@ -147,3 +147,13 @@ def test_register_from_dicom_folders_matches_the_same_volumes_from_nifti(tmp_pat
     (files / "exam" / "fi0010.dcm").unlink()  # a slice in the middle of the fixed series
     assert register(as_dicom, tmp_path / "lost") == 2
     assert not (tmp_path / "lost").exists() or not any((tmp_path / "lost").iterdir())
+
+
+def test_batch_names_a_dicom_series_by_its_folder_and_uid():
+    import argparse
+
+    from DTNRegistrationLib.cli.batch import batch_rows
+
+    moving = ["scans/sub-01_T1w.nii.gz", f"exam/{T1_UID}", "dicom/sub-02"]
+    rows = batch_rows(argparse.Namespace(pairs=None, fixed="atlas.nii.gz", moving=moving))
+    assert [row["name"] for row in rows] == ["000_sub-01_T1w", "001_exam_1", "002_sub-02"]

@@ -69,10 +69,19 @@ def batch_rows(args) -> list[dict]:
         names = [s.name.replace("->", "_to_") for s in specs]
     elif args.fixed and args.moving:
         rows = [{"moving": m, "fixed": args.fixed} for m in args.moving]
-        names = [f"{i:03d}_{Path(m).name.split('.')[0]}" for i, m in enumerate(args.moving)]
+        names = [f"{i:03d}_{_moving_name(m)}" for i, m in enumerate(args.moving)]
     else:
         raise InputError("batch needs --pairs CSV, or --fixed ATLAS with --moving IMAGES")
     return [{**dict.fromkeys(ROLES), **row, "index": i, "name": names[i]} for i, row in enumerate(rows)]
+
+
+def _moving_name(path: str) -> str:
+    """A short name for a moving image: the file name without extensions; for ``FOLDER/<series UID>`` (a DICOM
+    series) the folder's name and the UID's last part, since every UID starts alike."""
+    path = Path(path)
+    if "." in path.name and path.name.replace(".", "").isdigit():
+        return f"{path.parent.name}_{path.name.rsplit('.', 1)[-1]}"
+    return path.name.split(".")[0]
 
 
 def input_fingerprints(files: dict[str, str | None]) -> dict:
