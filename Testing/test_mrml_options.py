@@ -101,9 +101,10 @@ def test_options_round_trip_through_the_command_lines_own_parser(options):
     real parser gives the same options."""
     args = build_parser().parse_args([*REGISTER_PREFIX, *options.arguments()])
     # Not carried by arguments(), legitimately: the model (the runner adds it, made absolute, since a relative path
-    # depends on the working directory; see test_runner_command_carries_the_fixed_mask_and_every_option). The preset
-    # is, with a step count too: --refine replaces its schedule, but it still chooses the alignment.
-    expected = dataclasses.replace(options, model=None)
+    # depends on the working directory; see test_runner_command_carries_the_fixed_mask_and_every_option), and a
+    # preset once a step count is given (--refine replaces its schedule), unless it chooses the alignment (rigid).
+    dropped = options.refine is not None and not options.rigid
+    expected = dataclasses.replace(options, model=None, preset=None if dropped else options.preset)
     parsed = registration_options(args)
     assert parsed == expected and parsed.rigid == options.rigid
 

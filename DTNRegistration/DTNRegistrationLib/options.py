@@ -147,7 +147,7 @@ class RegistrationOptions:
         args += ["--device", self.device]
         if self.refine is not None:
             args += ["--refine", str(self.refine)]
-        if self.preset:  # also with --refine: the preset still chooses the alignment (rigid for longitudinal)
+        if self.preset and (self.refine is None or self.rigid):  # --refine replaces the schedule, not the alignment
             args += ["--preset", self.preset]
         if self.refine_similarity != DEFAULT_SIMILARITY:
             args += ["--refine-similarity", self.refine_similarity]
