@@ -50,7 +50,7 @@ def main() -> None:
 
     schedule = refinement.PRESETS[args.preset]
     pyramid = [tuple(_pool(t, level.spacing_mm) for t in (moving_t, fixed_t)) for level in schedule.levels]
-    first_grid = refinement._velocity_shape(pyramid[0][1].shape[2:], schedule.levels[0].velocity_factor)
+    first_grid = refinement.velocity_shape(pyramid[0][1].shape[2:], schedule.levels[0].velocity_factor)
 
     def dice(v: torch.Tensor) -> float:
         u = spatial.resize_field(spatial.integrate(v), tuple(fixed_t.shape[2:]))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..core import dicom
 from ..core.outputs import file_fingerprint
 from ..errors import InputError, ModelError
 from .arguments import requested_options
@@ -79,7 +80,7 @@ def _moving_name(path: str) -> str:
     """A short name for a moving image: the file name without extensions; for ``FOLDER/<series UID>`` (a DICOM
     series) the folder's name and the UID's last part, since every UID starts alike."""
     path = Path(path)
-    if "." in path.name and path.name.replace(".", "").isdigit():
+    if dicom.looks_like_uid(path.name):
         return f"{path.parent.name}_{path.name.rsplit('.', 1)[-1]}"
     return path.name.split(".")[0]
 

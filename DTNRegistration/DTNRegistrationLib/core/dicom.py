@@ -27,7 +27,7 @@ def series_location(path: Path) -> tuple[Path, str | None] | None:
     """``(folder, series UID or None)`` when ``path`` names a folder or ``FOLDER/<SeriesInstanceUID>``; else None."""
     if path.is_dir():
         return path, None
-    if not path.exists() and path.parent.is_dir() and _looks_like_uid(path.name):
+    if not path.exists() and path.parent.is_dir() and looks_like_uid(path.name):
         return path.parent, path.name
     return None
 
@@ -49,19 +49,19 @@ def _read_series(folder: Path, series_uid: str | None, what: str) -> sitk.Image:
         uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as err:
         raise InputError(f"{label}: the folder cannot be scanned for DICOM files ({_last_line(err)})") from None
-    _refuse_unreadable(folder, uids, label)
+    series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids}  # sorted by GDCM
+    _refuse_unreadable(folder, series, label)
     if not uids:
         raise InputError(f"{label}: a folder without a DICOM series (give an image file or a DICOM folder)")
     if series_uid is None:
         if len(uids) > 1:
-            listing = "; ".join(_describe(folder, uid) for uid in uids)
+            listing = "; ".join(_describe(uid, files) for uid, files in series.items())
             raise InputError(f"{label}: holds {len(uids)} DICOM series, name one as {folder}/<series UID>: {listing}")
         series_uid = uids[0]
-    elif series_uid not in uids:
+    elif series_uid not in series:
         raise InputError(f"{label}: no DICOM series {series_uid} there (it has {', '.join(uids)})")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(series[series_uid])
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
@@ -71,15 +71,15 @@ def _read_series(folder: Path, series_uid: str | None, what: str) -> sitk.Image:
     return image
 
 
-def _looks_like_uid(name: str) -> bool:
+def looks_like_uid(name: str) -> bool:
+    """Whether ``name`` has a DICOM UID's form: numbers joined by dots."""
     parts = name.split(".")
     return len(parts) > 1 and all(part.isdigit() for part in parts)
 
 
-def _refuse_unreadable(folder: Path, uids: list[str], label: str) -> None:
+def _refuse_unreadable(folder: Path, series: dict[str, tuple], label: str) -> None:
     """A file with the DICOM signature that belongs to no series is one GDCM could not parse: truncated or corrupt."""
-    series_files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames
-    grouped = {os.path.normpath(f) for uid in uids for f in series_files(str(folder), uid)}
+    grouped = {os.path.normpath(f) for files in series.values() for f in files}
     for entry in sorted(folder.iterdir()):
         if entry.is_file() and entry.name.upper() != "DICOMDIR" and os.path.normpath(entry) not in grouped:
             if is_dicom_file(entry):
@@ -120,8 +120,7 @@ def _floats(text: str) -> np.ndarray:
     return np.array([float(part) for part in text.strip().split("\\")], dtype=float)
 
 
-def _describe(folder: Path, uid: str) -> str:
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+def _describe(uid: str, files: tuple) -> str:
     description = ""
     try:
         reader = sitk.ImageFileReader()

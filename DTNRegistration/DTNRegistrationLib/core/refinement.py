@@ -158,7 +158,8 @@ def _pool_mask(mask: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor 
     return (F.interpolate(mask.float(), size=tuple(shape), mode="trilinear", align_corners=False) > 0.5).float()
 
 
-def _velocity_shape(image_shape: Sequence[int], factor: int) -> tuple[int, ...]:
+def velocity_shape(image_shape: Sequence[int], factor: int) -> tuple[int, ...]:
+    """The velocity grid ``factor`` times coarser than an image grid (at least 2 voxels along each axis)."""
     return tuple(max(2, n // factor) for n in image_shape)
 
 
@@ -184,7 +185,7 @@ def refine_schedule(
     v = velocity.detach()
     total, done, taken = schedule.steps, 0, []
     for level, (moving, fixed) in zip(schedule.levels, pyramid):
-        grid = _velocity_shape(fixed.shape[2:], level.velocity_factor)
+        grid = velocity_shape(fixed.shape[2:], level.velocity_factor)
         if tuple(v.shape[2:]) != grid and v.shape[2] < grid[0]:  # a finer level: the running field moves up
             v = spatial.resize_field(v, grid)
         base = spatial.resize_field(v, grid)

@@ -19,7 +19,7 @@ from ..errors import Cancelled, InputError
 from ..options import DEFAULT_PRESET, RegistrationOptions, check_device
 from . import alignment, coverage, deformation, imaging, metrics, spatial
 from .models import LoadedModel, load_model
-from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level
+from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level, velocity_shape
 from .result import RegistrationResult
 
 # Test-time refinement by default, coarse to fine: the shipped network is only a little better than the affine start
@@ -107,7 +107,7 @@ def register(
             torch_device = velocity.device
             pair = tuple(t.to(torch_device) for t in pair)
     else:  # the preset starts from the alignment (velocity on the work grid's velocity grid, as the network's)
-        velocity = torch.zeros(1, 3, *(max(2, n // 2) for n in pair[1].shape[2:]), device=torch_device)
+        velocity = torch.zeros(1, 3, *velocity_shape(pair[1].shape[2:], 2), device=torch_device)
     mask_t = None if mask_grid is None else similarity_region(_tensor(mask_grid, torch_device), reference)
     valid_t = torch.from_numpy(support.valid).to(torch_device)[None, None] if support.needed else None
     steps = loaded.config.integration_steps
