@@ -96,6 +96,23 @@ def test_alpha_conditions_the_output(tiny_cfg):
         model(moving, fixed, -1.0)
 
 
+def test_symmetric_velocity_is_inverse_consistent_and_zero_on_identical_images(tiny_cfg):
+    """One batched pass of both directions equals the two separate passes; swapping the images negates it."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg).eval()
+    torch.nn.init.normal_(model.velocity_head.weight, std=0.1)  # a network that predicts motion
+    moving, fixed = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
+    alpha = torch.tensor([0.03, 0.3])
+    with torch.inference_mode():
+        v = model.symmetric_velocity(moving, fixed, alpha)
+        separate = (model(moving, fixed, alpha) - model(fixed, moving, alpha)) / 2
+        assert v.abs().mean() > 1e-3
+        torch.testing.assert_close(v, separate, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.symmetric_velocity(fixed, moving, alpha), -v)
+        assert model(fixed, fixed, 0.1).abs().max() > 1e-3  # one direction alone moves identical images
+        assert model.symmetric_velocity(fixed, fixed, 0.1).abs().max() == 0
+
+
 def test_config_round_trip_and_unknown_keys():
     cfg = tiny_config(variant="dtn_c")
     assert DTNConfig.from_dict(cfg.to_dict()) == cfg

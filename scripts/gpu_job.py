@@ -18,6 +18,8 @@ variant only), ``<variant>-log.csv``, ``validation.json``, ``benchmark.json`` (a
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import logging
 import math
@@ -171,7 +173,8 @@ def validation_set(real: pairs.RealData, shape, count: int, device) -> list[tupl
 
 @torch.no_grad()
 def score(model, val, alpha: float, amp: bool) -> dict:
-    """Mean Dice, folding % and SDlogJ per group (``model`` None: no registration)."""
+    """Mean Dice, folding % and SDlogJ per group (``model`` None: no registration), of the symmetric velocity that
+    the pipeline uses (``DTN.symmetric_velocity``)."""
     rows: dict[str, list] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     for group, _, pair in val:
@@ -179,7 +182,7 @@ def score(model, val, alpha: float, amp: bool) -> dict:
             u = torch.zeros(1, 3, *pair.fixed.shape[2:], device=pair.fixed.device)
         else:
             with autocast:
-                v = model(pair.moving, pair.fixed, alpha)
+                v = model.symmetric_velocity(pair.moving, pair.fixed, alpha)
             u = model.displacement(v.float(), tuple(pair.fixed.shape[2:]))
         jac = metrics.jacobian_determinant(u[0].cpu().numpy())
         warped = spatial.warp(pair.moving_labels, u, mode="nearest")
@@ -203,8 +206,9 @@ def load(path, device) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------- benchmarks
 
 
-def time_inference(model, size, device, amp: bool, runs: int) -> dict:
-    """Network + scaling and squaring + warp on one random pair, median of ``runs`` after two warm-ups."""
+def time_inference(model, size, device, amp: bool, runs: int, symmetric: bool = False) -> dict:
+    """Network + scaling and squaring + warp on one random pair, median of ``runs`` after two warm-ups. One
+    direction as in the paper, or ``symmetric``: both directions in one batch, as the pipeline runs it."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     moving, fixed = torch.rand(1, 1, *size, device=device), torch.rand(1, 1, *size, device=device)
@@ -215,7 +219,7 @@ def time_inference(model, size, device, amp: bool, runs: int) -> dict:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode(), autocast:
-            v = model(moving, fixed, 0.1)
+            v = model.symmetric_velocity(moving, fixed, 0.1) if symmetric else model(moving, fixed, 0.1)
             u = model.displacement(v.float(), size)
             spatial.warp(moving, u)
         if device.type == "cuda":
@@ -225,6 +229,7 @@ def time_inference(model, size, device, amp: bool, runs: int) -> dict:
     return {
         "size": "x".join(map(str, size)),
         "precision": "bf16" if amp else "fp32",
+        "directions": "symmetric" if symmetric else "one",
         "median_s": round(statistics.median(times[2:]), 4),
         "peak_mb": round(peak, 1),
     }
@@ -324,10 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             model = load(main_weights, device)
             for text in args.bench_sizes:
                 size = tuple(int(n) for n in text.split("x"))
-                for use_amp in [False, True] if amp else [False]:
-                    row = phase(
-                        f"inference {text}", failures, time_inference, model, size, device, use_amp, args.bench_runs
-                    )
+                for use_amp, symmetric in itertools.product([False, True] if amp else [False], [False, True]):
+                    timing = functools.partial(time_inference, symmetric=symmetric)
+                    row = phase(f"inference {text}", failures, timing, model, size, device, use_amp, args.bench_runs)
                     if row:
                         benchmark["inference"].append(row)
                         log.info("inference: %s", row)

@@ -238,11 +238,12 @@ def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
 
 
 def _predict(loaded: LoadedModel, moving: torch.Tensor, fixed: torch.Tensor, alpha: float):
-    """Network velocity on the tensors' device; a CUDA out-of-memory falls back to the CPU with a warning."""
+    """The network's symmetric velocity (``DTN.symmetric_velocity``) on the tensors' device; a CUDA out-of-memory
+    falls back to the CPU with a warning."""
     try:
         loaded.model.to(moving.device)
         with torch.inference_mode():
-            return loaded.model(moving, fixed, alpha)
+            return loaded.model.symmetric_velocity(moving, fixed, alpha)
     except torch.cuda.OutOfMemoryError:
         import warnings
 

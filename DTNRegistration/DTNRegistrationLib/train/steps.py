@@ -65,12 +65,13 @@ def end_point_error(u: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(core: DTN, pairs: list, alpha: float, amp: bool) -> dict:
-    """Mean Dice (warped moving labels vs fixed labels), folding % and SDlogJ over the validation pairs."""
+    """Mean Dice (warped moving labels vs fixed labels), folding % and SDlogJ over the validation pairs, of the
+    symmetric velocity that the pipeline uses (``DTN.symmetric_velocity``)."""
     dices, folds, sdlj = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     for _, pair in pairs:
         with autocast:
-            v = core(pair.moving, pair.fixed, alpha)
+            v = core.symmetric_velocity(pair.moving, pair.fixed, alpha)
         u = core.displacement(v.float(), tuple(pair.fixed.shape[2:]))
         jac = metrics.jacobian_determinant(u[0].cpu().numpy())
         folds.append(metrics.folding(jac)[1])
