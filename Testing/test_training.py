@@ -96,15 +96,21 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert (tmp_path / "run" / checkpoints.FINAL_WEIGHTS).is_file()
 
 
-def test_field_term_pulls_the_prediction_towards_the_true_field(tmp_path):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_field_term_pulls_the_prediction_towards_the_true_field(tmp_path, symmetric):
+    """Also when the symmetric velocity the pipeline uses is trained (``--symmetric``): the loss is then its own."""
     pair = pair_sources.validation_pairs(None, SHAPE, 1, seed=5)[0][1]
-    cfg = tiny_cfg(tmp_path / "run", max_steps=20, lr=1e-3, checkpoint_every=0, field_weight=1.0)
+    cfg = tiny_cfg(tmp_path / "run", max_steps=20, lr=1e-3, checkpoint_every=0, field_weight=1.0, symmetric=symmetric)
     trainer = training.Trainer(cfg)
     trainer.sources = FixedPair(pair)
 
     def error() -> float:
         with torch.no_grad():
             _, parts = steps.compute_loss(trainer.core, trainer.core, pair, 0.1, trainer.cfg, False, False)
+            v = trainer.core.symmetric_velocity(pair.moving, pair.fixed, 0.1) if symmetric else None
+        if v is not None:
+            u = trainer.core.displacement(v, SHAPE)
+            assert parts["field_error"] == pytest.approx(steps.end_point_error(u, pair.displacement).item(), rel=1e-4)
         return parts["field_error"]
 
     before = error()

@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--field-weight", type=float, default=0.1, help="end-point error to synthetic pairs' true field")
+    p.add_argument(
+        "--symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train the symmetric velocity that the pipeline uses (both directions per pair: half the pairs per second)",
+    )
     p.add_argument("--shape", type=int, nargs=3, default=None, help="training grid (default: the bundle's)")
     p.add_argument("--spacing-mm", type=float, default=2.0)
     p.add_argument("--val-every", type=int, default=250)
@@ -112,6 +118,7 @@ def train_variant(args, variant: str, work: Path, real_shape) -> tuple[Path, dic
         similarity="ncc",
         dice_weight=1.0,
         field_weight=args.field_weight,
+        symmetric=args.symmetric,
         lr=args.lr,
         lr_schedule="cosine",
         warmup_steps=args.warmup,

@@ -284,10 +284,7 @@ class DTN(nn.Module):
     def symmetric_velocity(self, moving: torch.Tensor, fixed: torch.Tensor, alpha: float | torch.Tensor | None = None):
         """``(v(moving, fixed) - v(fixed, moving)) / 2``: inverse-consistent by construction, zero for identical
         images. Both directions run as one batch of twice the size."""
-        batch = moving.shape[0]
-        a = self._alpha_tensor(alpha, batch, moving).repeat(2)
-        v = self(torch.cat([moving, fixed]), torch.cat([fixed, moving]), a)
-        return (v[:batch] - v[batch:]) / 2
+        return symmetric(self, moving, fixed, self._alpha_tensor(alpha, moving.shape[0], moving))
 
     def displacement(self, velocity: torch.Tensor, shape: tuple[int, int, int], inverse: bool = False):
         """Integrate a velocity field (``exp(v)``, or ``exp(-v)`` with ``inverse``) and bring it to ``shape``."""
@@ -299,6 +296,14 @@ class DTN(nn.Module):
         v = self(moving, fixed, alpha)
         u = self.displacement(v, tuple(fixed.shape[2:]))
         return v, u, spatial.warp(moving, u)
+
+
+def symmetric(network, moving: torch.Tensor, fixed: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``(v(m, f) - v(f, m)) / 2`` from one call of ``network`` (a DTN, or its training wrapper) on a batch of
+    twice the size; ``alpha`` one value per pair ``(B,)``."""
+    batch = moving.shape[0]
+    v = network(torch.cat([moving, fixed]), torch.cat([fixed, moving]), alpha.reshape(-1).expand(batch).repeat(2))
+    return (v[:batch] - v[batch:]) / 2
 
 
 def build_model(cfg: DTNConfig | dict | None = None) -> DTN:
@@ -314,4 +319,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["DTN", "DTNConfig", "VARIANTS", "build_model", "count_parameters"]
+__all__ = ["DTN", "DTNConfig", "VARIANTS", "build_model", "count_parameters", "symmetric"]

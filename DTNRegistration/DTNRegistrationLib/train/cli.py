@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _opt("dice-weight", "weight of the soft Dice term on labelled (synthetic) pairs", type=float)
     _flag(g, "dice-real", "also use real label maps in the Dice term")
     _opt("field-weight", "weight of the end-point error to the true field of synthetic pairs (supervised)", type=float)
+    _flag(g, "symmetric", "train the symmetric velocity (v(m, f) - v(f, m)) / 2 that the pipeline uses (2x per step)")
     _opt("lr", "Adam learning rate", type=float)
     _opt("lr-schedule", "constant, or cosine down to lr/10 by max steps or max minutes", choices=["constant", "cosine"])
     _opt("warmup-steps", "linear learning-rate warm-up", type=int)

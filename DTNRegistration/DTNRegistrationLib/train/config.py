@@ -70,6 +70,7 @@ class TrainConfig:
     dice_weight: float = 0.0
     dice_real: bool = False  # also use real label maps in the Dice term
     field_weight: float = 0.0  # weight of the end-point error to the true field, where known (synthetic pairs)
+    symmetric: bool = False  # train the symmetric velocity (v(m, f) - v(f, m)) / 2, as the pipeline uses it
     lr: float = 1e-4
     lr_schedule: str = "constant"  # or "cosine": to lr/10 at max steps or max minutes, whichever comes first
     warmup_steps: int = 0  # linear warm-up of the learning rate (fine-tuning starts with a fresh optimiser)

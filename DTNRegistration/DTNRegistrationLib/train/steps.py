@@ -2,7 +2,8 @@
 
 Loss (paper, Eq. 2): ``sim(warp(moving, exp(v)), fixed) + alpha * ||grad v||^2`` (``losses.paper_loss``, as
 test-time refinement), plus ``dice_weight`` times a soft Dice on labelled pairs and ``field_weight`` times the
-mean end-point error (voxels) to the true displacement where the pair knows it (synthetic pairs).
+mean end-point error (voxels) to the true displacement where the pair knows it (synthetic pairs). With
+``symmetric`` the loss is that of the symmetric velocity the pipeline uses, both directions in one batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import losses, metrics, spatial
-from ..core.network import DTN
+from ..core.network import DTN, symmetric
 from . import synth
 from .config import TrainConfig
 
@@ -37,7 +38,10 @@ def compute_loss(model, core: DTN, pair: synth.Pair, alpha, cfg: TrainConfig, us
     """The training loss of one batch and its parts (floats); ``alpha`` is a float or one per pair ``(B,)``."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     with autocast:
-        v = model(pair.moving, pair.fixed, alpha)
+        if cfg.symmetric:  # as the pipeline runs it (DTN.symmetric_velocity), through the training wrapper
+            v = symmetric(model, pair.moving, pair.fixed, torch.as_tensor(alpha, device=pair.moving.device))
+        else:
+            v = model(pair.moving, pair.fixed, alpha)
     v = v.float()
     u = core.displacement(v, tuple(pair.fixed.shape[2:]))
     warped = spatial.warp(pair.moving, u)
