@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--symmetric",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="train the symmetric velocity that the pipeline uses (both directions per pair: half the pairs per second)",
+        help="train the symmetric velocity that the pipeline uses (both directions per pair: twice the work)",
     )
     p.add_argument("--shape", type=int, nargs=3, default=None, help="training grid (default: the bundle's)")
     p.add_argument("--spacing-mm", type=float, default=2.0)
