@@ -113,6 +113,21 @@ def test_symmetric_velocity_is_inverse_consistent_and_zero_on_identical_images(t
         assert model.symmetric_velocity(fixed, fixed, 0.1).abs().max() == 0
 
 
+def test_cascaded_passes_stay_inverse_consistent_and_add_a_second_pass(tiny_cfg):
+    """Each further pass registers the images warped half-way toward each other: swapping the images still negates
+    the sum, identical images still give zero, and the second pass changes the first's velocity."""
+    torch.manual_seed(1)
+    model = build_model(tiny_cfg).eval()
+    torch.nn.init.normal_(model.velocity_head.weight, std=0.1)
+    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        one = model.symmetric_velocity(moving, fixed, 0.1)
+        two = model.symmetric_velocity(moving, fixed, 0.1, passes=2)
+        assert (two - one).abs().mean() > 1e-3
+        torch.testing.assert_close(model.symmetric_velocity(fixed, moving, 0.1, passes=2), -two)
+        assert model.symmetric_velocity(fixed, fixed, 0.1, passes=3).abs().max() == 0
+
+
 def test_config_round_trip_and_unknown_keys():
     cfg = tiny_config(variant="dtn_c")
     assert DTNConfig.from_dict(cfg.to_dict()) == cfg

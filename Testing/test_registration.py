@@ -350,8 +350,8 @@ def test_a_coarser_network_runs_on_its_own_grid_and_its_field_keeps_its_size_in_
     fixed = _image(fixed_array)
     moving = _image(fixed_array, origin=(-36.0, -50.0, -30.0))  # the same anatomy 4 mm further along x
     loaded = models.load_weights(path)
-    # a constant velocity is its own swap, so the symmetric inference would cancel it: one direction here
-    loaded.model.symmetric_velocity = loaded.model.forward
+    # a constant velocity is its own swap, so the symmetric inference would cancel it: one direction, one pass here
+    loaded.model.symmetric_velocity = lambda moving, fixed, alpha, passes: loaded.model(moving, fixed, alpha)
     result = registration.register(moving, fixed, model=loaded, refine=0, affine=False, device="cpu")
     assert result.metrics["start"] == "network"
     assert result.displacement.GetSize() == fixed.GetSize()

@@ -53,21 +53,48 @@ def test_unknown_models_are_refused(bad):
         models.load_model(bad)
 
 
-def test_the_shipped_network_registers_b_to_a_as_the_inverse_of_a_to_b():
-    """The pipeline uses the symmetric velocity. With one direction alone, the network's start lost to no motion at
-    all one way on this pair and the two maps missed being inverses by 1.8 mm on average (0.15 mm symmetric)."""
+NETWORK_ALONE = dict(refine=0, affine=False, inverse=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def known_deformation():
+    """The 2 mm sample brain, a smooth B-spline deformation of it (the truth) and brain points to measure on."""
     image = sitk.ReadImage(str(cli.SAMPLES_DIR / "fixed_icbm2009a_t1_2mm.nii.gz"), sitk.sitkFloat32)
     bspline = sitk.BSplineTransformInitializer(image, [4, 4, 4])
     bspline.SetParameters(np.random.default_rng(0).normal(0, 2.5, len(bspline.GetParameters())).tolist())
     deformed = sitk.Resample(image, image, bspline, sitk.sitkLinear, 0.0)
-    options = dict(refine=0, affine=False, inverse=False, device="cpu")
-    a_to_b = registration.register(deformed, image, **options)
-    b_to_a = registration.register(image, deformed, **options)
-    assert a_to_b.metrics["start"] == b_to_a.metrics["start"] == "network"
-    fields = [sitk.Cast(r.displacement, sitk.sitkVectorFloat64) for r in (a_to_b, b_to_a)]
-    round_trip = sitk.CompositeTransform([sitk.DisplacementFieldTransform(f) for f in fields])
     array = sitk.GetArrayViewFromImage(image)
     brain = np.argwhere(array > array.mean())[::50]
     points = [image.TransformIndexToPhysicalPoint([int(i) for i in index[::-1]]) for index in brain]
+    return image, deformed, bspline, points
+
+
+def _field(result) -> sitk.Transform:
+    return sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64))
+
+
+def test_the_shipped_network_registers_b_to_a_as_the_inverse_of_a_to_b(known_deformation):
+    """The pipeline uses the symmetric velocity. With one direction alone, the network's start lost to no motion at
+    all one way on this pair and the two maps missed being inverses by 1.8 mm on average (0.15 mm symmetric)."""
+    image, deformed, _, points = known_deformation
+    a_to_b = registration.register(deformed, image, **NETWORK_ALONE)
+    b_to_a = registration.register(image, deformed, **NETWORK_ALONE)
+    assert a_to_b.metrics["start"] == b_to_a.metrics["start"] == "network"
+    round_trip = sitk.CompositeTransform([_field(a_to_b), _field(b_to_a)])
     errors = [np.linalg.norm(np.subtract(round_trip.TransformPoint(p), p)) for p in points]
     assert np.mean(errors) < 0.4
+
+
+def test_the_cascade_second_pass_recovers_more_of_a_known_deformation(known_deformation, monkeypatch):
+    """The network alone, one pass against the pipeline's two: the second brought the mean error against the true
+    field from 0.61 to 0.52 mm on this pair (1.17 mm without registration)."""
+    image, deformed, truth, points = known_deformation
+    pipeline_passes = registration.PIPELINE_PASSES
+    assert pipeline_passes >= 2
+    errors = {}
+    for passes in (1, pipeline_passes):
+        monkeypatch.setattr(registration, "PIPELINE_PASSES", passes)
+        field = _field(registration.register(image, deformed, **NETWORK_ALONE))
+        distances = [np.subtract(field.TransformPoint(p), truth.TransformPoint(p)) for p in points]
+        errors[passes] = np.mean(np.linalg.norm(distances, axis=1))
+    assert errors[pipeline_passes] < 0.92 * errors[1]

@@ -19,6 +19,7 @@ from ..errors import Cancelled, InputError
 from ..options import DEFAULT_PRESET, RegistrationOptions, check_device
 from . import alignment, coverage, deformation, imaging, metrics, spatial
 from .models import LoadedModel, load_model
+from .network import PIPELINE_PASSES
 from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level, velocity_shape
 from .result import RegistrationResult
 
@@ -243,7 +244,7 @@ def _predict(loaded: LoadedModel, moving: torch.Tensor, fixed: torch.Tensor, alp
     try:
         loaded.model.to(moving.device)
         with torch.inference_mode():
-            return loaded.model.symmetric_velocity(moving, fixed, alpha)
+            return loaded.model.symmetric_velocity(moving, fixed, alpha, passes=PIPELINE_PASSES)
     except torch.cuda.OutOfMemoryError:
         import warnings
 
