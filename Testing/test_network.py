@@ -126,6 +126,10 @@ def test_cascaded_passes_stay_inverse_consistent_and_add_a_second_pass(tiny_cfg)
         assert (two - one).abs().mean() > 1e-3
         torch.testing.assert_close(model.symmetric_velocity(fixed, moving, 0.1, passes=2), -two)
         assert model.symmetric_velocity(fixed, fixed, 0.1, passes=3).abs().max() == 0
+        # continuing from a start velocity is the same cascade
+        torch.testing.assert_close(model.symmetric_velocity(moving, fixed, 0.1, passes=1, start=one), two)
+        continued = model.symmetric_velocity(fixed, moving, 0.1, passes=1, start=-one)
+        torch.testing.assert_close(continued, -two)
 
 
 def test_config_round_trip_and_unknown_keys():

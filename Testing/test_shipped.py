@@ -85,16 +85,17 @@ def test_the_shipped_network_registers_b_to_a_as_the_inverse_of_a_to_b(known_def
     assert np.mean(errors) < 0.4
 
 
-def test_the_cascade_second_pass_recovers_more_of_a_known_deformation(known_deformation, monkeypatch):
-    """The network alone, one pass against the pipeline's two: the second brought the mean error against the true
-    field from 0.61 to 0.52 mm on this pair (1.17 mm without registration)."""
+def test_the_work_grid_passes_recover_more_of_a_known_deformation(known_deformation, monkeypatch):
+    """The network alone: its pass on its own 4 mm grid, without and with the further passes on the 2 mm work grid
+    (``registration.WORK_GRID_PASSES``): they brought the mean error against the true field from 0.61 to 0.28 mm
+    (1.17 mm without registration)."""
     image, deformed, truth, points = known_deformation
-    pipeline_passes = registration.PIPELINE_PASSES
-    assert pipeline_passes >= 2
+    pipeline_passes = registration.WORK_GRID_PASSES
+    assert pipeline_passes >= 1
     errors = {}
-    for passes in (1, pipeline_passes):
-        monkeypatch.setattr(registration, "PIPELINE_PASSES", passes)
+    for passes in (0, pipeline_passes):
+        monkeypatch.setattr(registration, "WORK_GRID_PASSES", passes)
         field = _field(registration.register(image, deformed, **NETWORK_ALONE))
         distances = [np.subtract(field.TransformPoint(p), truth.TransformPoint(p)) for p in points]
         errors[passes] = np.mean(np.linalg.norm(distances, axis=1))
-    assert errors[pipeline_passes] < 0.92 * errors[1]
+    assert errors[pipeline_passes] < 0.6 * errors[0]

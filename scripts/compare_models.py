@@ -59,8 +59,10 @@ def read_pairs(pairs_csv: Path) -> list[dict]:
 
 
 def pipeline(loaded: dict, pairs: list[dict], use_affine: bool) -> dict[str, dict[str, list[float]]]:
-    """Dice of every pair, per model and mode: {model: {mode: [dice per pair]}}."""
-    out: dict[str, dict[str, list[float]]] = {name: {mode: [] for mode in MODES} for name in loaded}
+    """Dice of every pair, per model and mode: {model: {mode: [dice per pair]}}; also each mode's SDlogJ
+    ("MODE sdlogj") and folding % ("MODE folding") per pair."""
+    keys = [f"{mode}{suffix}" for mode in MODES for suffix in ("", " sdlogj", " folding")]
+    out: dict[str, dict[str, list[float]]] = {name: {key: [] for key in keys} for name in loaded}
     for pair in pairs:
         read = {k: sitk.ReadImage(str(pair[k])) for k in ("moving", "fixed", "moving_labels", "fixed_labels")}
         mask = sitk.ReadImage(str(pair["mask"])) if pair.get("mask") else None
@@ -85,6 +87,8 @@ def pipeline(loaded: dict, pairs: list[dict], use_affine: bool) -> dict[str, dic
                 )
                 warped = sitk.GetArrayFromImage(result.warped_labels)
                 out[name][mode].append(metrics.mean_dice(warped, fixed_labels))
+                out[name][f"{mode} sdlogj"].append(result.metrics["sd_log_jacobian"])
+                out[name][f"{mode} folding"].append(result.metrics["folding_percent"])
         print(f"  {pair['name']}: " + ", ".join(f"{n} {out[n]['alone'][-1]:.4f}/{out[n]['fast'][-1]:.4f}" for n in out))
     return out
 
@@ -92,13 +96,15 @@ def pipeline(loaded: dict, pairs: list[dict], use_affine: bool) -> dict[str, dic
 def print_pipeline(title: str, scores: dict, baseline: str) -> None:
     names = list(scores)
     print(f"\n### {title}: mean Dice (network alone / fast), paired difference against {baseline}\n")
-    print("| model | alone | fast | alone - base (wins) | fast - base (wins) |")
-    print("|---|---|---|---|---|")
+    print("| model | alone | fast | alone - base (wins) | fast - base (wins) | SDlogJ alone / fast | max folding % |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         cells = [f"{statistics.fmean(scores[name][m]):.4f}" for m in MODES]
         for mode in MODES:
             diff = np.subtract(scores[name][mode], scores[baseline][mode])
             cells.append(f"{diff.mean():+.4f} ({int((diff > 0).sum())}/{diff.size})")
+        cells.append(" / ".join(f"{statistics.fmean(scores[name][f'{m} sdlogj']):.3f}" for m in MODES))
+        cells.append(f"{max(max(scores[name][f'{m} folding']) for m in MODES):.4f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT / "DTNRegistration"))
 import torch  # noqa: E402
 
 from DTNRegistrationLib.core import metrics, models, spatial  # noqa: E402
-from DTNRegistrationLib.core.network import PIPELINE_PASSES  # noqa: E402
 from DTNRegistrationLib.train import pairs, synth  # noqa: E402
 from DTNRegistrationLib.train.checkpoints import BEST_WEIGHTS, FINAL_WEIGHTS  # noqa: E402
 from DTNRegistrationLib.train.config import DatasetSpec, TrainConfig  # noqa: E402
@@ -182,7 +181,7 @@ def validation_set(real: pairs.RealData, shape, count: int, device) -> list[tupl
 @torch.no_grad()
 def score(model, val, alpha: float, amp: bool) -> dict:
     """Mean Dice, folding % and SDlogJ per group (``model`` None: no registration), of the symmetric velocity that
-    the pipeline uses (``DTN.symmetric_velocity``, ``PIPELINE_PASSES`` passes)."""
+    the pipeline uses (``DTN.symmetric_velocity``)."""
     rows: dict[str, list] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     for group, _, pair in val:
@@ -190,7 +189,7 @@ def score(model, val, alpha: float, amp: bool) -> dict:
             u = torch.zeros(1, 3, *pair.fixed.shape[2:], device=pair.fixed.device)
         else:
             with autocast:
-                v = model.symmetric_velocity(pair.moving, pair.fixed, alpha, PIPELINE_PASSES)
+                v = model.symmetric_velocity(pair.moving, pair.fixed, alpha)
             u = model.displacement(v.float(), tuple(pair.fixed.shape[2:]))
         jac = metrics.jacobian_determinant(u[0].cpu().numpy())
         warped = spatial.warp(pair.moving_labels, u, mode="nearest")
@@ -216,8 +215,7 @@ def load(path, device) -> torch.nn.Module:
 
 def time_inference(model, size, device, amp: bool, runs: int, symmetric: bool = False) -> dict:
     """Network + scaling and squaring + warp on one random pair, median of ``runs`` after two warm-ups. One
-    direction as in the paper, or ``symmetric``: both directions in one batch, ``PIPELINE_PASSES`` times, as the
-    pipeline runs it."""
+    direction as in the paper, or ``symmetric``: both directions in one batch, as the pipeline runs it."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     moving, fixed = torch.rand(1, 1, *size, device=device), torch.rand(1, 1, *size, device=device)
@@ -228,11 +226,7 @@ def time_inference(model, size, device, amp: bool, runs: int, symmetric: bool = 
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode(), autocast:
-            v = (
-                model.symmetric_velocity(moving, fixed, 0.1, PIPELINE_PASSES)
-                if symmetric
-                else model(moving, fixed, 0.1)
-            )
+            v = model.symmetric_velocity(moving, fixed, 0.1) if symmetric else model(moving, fixed, 0.1)
             u = model.displacement(v.float(), size)
             spatial.warp(moving, u)
         if device.type == "cuda":
@@ -242,7 +236,7 @@ def time_inference(model, size, device, amp: bool, runs: int, symmetric: bool = 
     return {
         "size": "x".join(map(str, size)),
         "precision": "bf16" if amp else "fp32",
-        "directions": f"symmetric x{PIPELINE_PASSES}" if symmetric else "one",
+        "directions": "symmetric" if symmetric else "one",
         "median_s": round(statistics.median(times[2:]), 4),
         "peak_mb": round(peak, 1),
     }

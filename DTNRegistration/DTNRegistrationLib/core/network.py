@@ -22,9 +22,10 @@ Symmetric inference (``symmetric_velocity``, what the pipeline uses): the veloci
 negated velocity of the swapped pair, ``(v(m, f) - v(f, m)) / 2``, from one batched pass. Registering B to A then
 gives exactly the inverse of A to B, and identical images give exactly the identity: the network alone had put
 about 1 mm of spurious motion on identical images. On known deformations it gained 0.01-0.04 Dice, about
-nothing on real pairs between subjects, and the fields were about 40 % smoother (docs/model.md). The pipeline
-cascades it (``PIPELINE_PASSES``): a second symmetric pass on the images warped half-way toward each other adds
-what the first left, still exactly inverse-consistent; it gained 0.014 Dice on synthetic pairs (docs/model.md).
+nothing on real pairs between subjects, and the fields were about 40 % smoother (docs/model.md). The network
+alone (``--refine 0``) cascades it: a coarse network's pass is followed by two passes on the 2 mm work grid, on the
+images warped half-way toward each other, which adds what the first left and stays exactly inverse-consistent
+(docs/model.md).
 
 Alpha conditioning: with ``alpha_conditioned`` the decoder features are modulated (FiLM) by an MLP of
 ``log10(alpha)``, so one model serves the whole smoothness range (in the spirit of HyperMorph); with it off,
@@ -41,11 +42,6 @@ import torch.nn.functional as F
 
 from ..options import ALPHA_RANGE, DEFAULT_ALPHA
 from . import spatial
-
-# The pipeline, the training's validation and the GPU job run the network as a cascade of this many symmetric
-# passes (``DTN.symmetric_velocity``): the second registers what the first left, for one more network call
-# (docs/model.md has the measurement).
-PIPELINE_PASSES = 2
 
 VARIANTS = ("dtn", "dtn_s", "dtn_c", "none")
 SIZE_MULTIPLE = 16
@@ -294,17 +290,22 @@ class DTN(nn.Module):
         fixed: torch.Tensor,
         alpha: float | torch.Tensor | None = None,
         passes: int = 1,
+        start: torch.Tensor | None = None,
     ):
         """``(v(moving, fixed) - v(fixed, moving)) / 2``: inverse-consistent by construction, zero for identical
         images. Both directions run as one batch of twice the size.
 
-        ``passes`` > 1 cascades the network: each further pass sees the two images warped half-way toward each
+        A cascade: ``passes`` > 1, or a ``start`` velocity on this pair's velocity grid (a pass of the network on a
+        coarser grid, brought onto this one). Each further pass sees the two images warped half-way toward each
         other (moving by exp(v/2), fixed by exp(-v/2)) and adds its symmetric velocity to v. Swapping the images
         negates every term, so the sum stays exactly inverse-consistent (docs/model.md measures the gain)."""
         alpha_t = self._alpha_tensor(alpha, moving.shape[0], moving)
-        velocity = symmetric(self, moving, fixed, alpha_t)
+        velocity = start
         shape = tuple(fixed.shape[2:])
-        for _ in range(passes - 1):
+        for _ in range(passes):
+            if velocity is None:
+                velocity = symmetric(self, moving, fixed, alpha_t)
+                continue
             moving_half = spatial.warp(moving, self.displacement(velocity / 2, shape))
             fixed_half = spatial.warp(fixed, self.displacement(velocity / 2, shape, inverse=True))
             velocity = velocity + symmetric(self, moving_half, fixed_half, alpha_t)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import losses, metrics, spatial
-from ..core.network import DTN, PIPELINE_PASSES, symmetric
+from ..core.network import DTN, symmetric
 from . import synth
 from .config import TrainConfig
 
@@ -70,12 +70,12 @@ def end_point_error(u: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def validate(core: DTN, pairs: list, alpha: float, amp: bool) -> dict:
     """Mean Dice (warped moving labels vs fixed labels), folding % and SDlogJ over the validation pairs, of the
-    symmetric velocity that the pipeline uses (``DTN.symmetric_velocity``, ``PIPELINE_PASSES`` passes)."""
+    symmetric velocity that the pipeline uses (``DTN.symmetric_velocity``)."""
     dices, folds, sdlj = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     for _, pair in pairs:
         with autocast:
-            v = core.symmetric_velocity(pair.moving, pair.fixed, alpha, PIPELINE_PASSES)
+            v = core.symmetric_velocity(pair.moving, pair.fixed, alpha)
         u = core.displacement(v.float(), tuple(pair.fixed.shape[2:]))
         jac = metrics.jacobian_determinant(u[0].cpu().numpy())
         folds.append(metrics.folding(jac)[1])
