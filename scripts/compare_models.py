@@ -16,7 +16,6 @@ Each pair is aligned once and every model starts from that alignment. About 10 m
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from make_results import prepare_dev, prepare_synthetic  # noqa: E402
 
 from DTNRegistrationLib.core import alignment, metrics, models  # noqa: E402
 from DTNRegistrationLib.core.registration import register  # noqa: E402
+from DTNRegistrationLib.evaluate import inputs as evaluation_inputs  # noqa: E402
 from DTNRegistrationLib.train import pairs as train_pairs  # noqa: E402
 
 MODES = {"alone": {"refine": 0}, "fast": {"preset": "fast"}}
@@ -53,9 +53,9 @@ def held_out(loaded: dict, bundle: Path, count: int) -> dict[str, dict[str, floa
     return out
 
 
-def read_pairs(pairs_csv: Path) -> list[dict]:
-    with open(pairs_csv, newline="", encoding="utf-8") as handle:
-        return [row for row in csv.DictReader(handle) if row.get("moving_labels")]
+def labelled_pairs(pairs_csv: Path) -> list[dict]:
+    """The labelled pairs of a pairs CSV, as the dicts ``prepare_pairs`` gives."""
+    return [vars(pair) for pair in evaluation_inputs.pairs_from_csv(pairs_csv) if pair.moving_labels]
 
 
 def pipeline(loaded: dict, pairs: list[dict], use_affine: bool) -> dict[str, dict[str, list[float]]]:
@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_1mm:
         (args.work_dir / "pairs-1mm").mkdir(parents=True, exist_ok=True)
         sets.append(("1 mm development pairs", prepare_pairs(args.devdata, args.work_dir / "pairs-1mm"), True))
-    sets.append(("2 mm development pairs", read_pairs(prepare_dev(args.devdata, args.work_dir / "dev")), True))
+    sets.append(("2 mm development pairs", labelled_pairs(prepare_dev(args.devdata, args.work_dir / "dev")), True))
     synthetic_csv = prepare_synthetic(args.work_dir / "synthetic", args.synthetic_pairs)
-    sets.append(("2 mm synthetic pairs", read_pairs(synthetic_csv), False))
+    sets.append(("2 mm synthetic pairs", labelled_pairs(synthetic_csv), False))
     for title, pairs, use_affine in sets:
         print(f"\n{title}:")
         print_pipeline(title, pipeline(loaded, pairs, use_affine), "base")

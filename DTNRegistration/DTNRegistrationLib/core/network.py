@@ -300,12 +300,11 @@ class DTN(nn.Module):
         other (moving by exp(v/2), fixed by exp(-v/2)) and adds its symmetric velocity to v. Swapping the images
         negates every term, so the sum stays exactly inverse-consistent (docs/model.md measures the gain)."""
         alpha_t = self._alpha_tensor(alpha, moving.shape[0], moving)
+        if start is None:
+            start, passes = symmetric(self, moving, fixed, alpha_t), passes - 1
         velocity = start
         shape = tuple(fixed.shape[2:])
         for _ in range(passes):
-            if velocity is None:
-                velocity = symmetric(self, moving, fixed, alpha_t)
-                continue
             moving_half = spatial.warp(moving, self.displacement(velocity / 2, shape))
             fixed_half = spatial.warp(fixed, self.displacement(velocity / 2, shape, inverse=True))
             velocity = velocity + symmetric(self, moving_half, fixed_half, alpha_t)

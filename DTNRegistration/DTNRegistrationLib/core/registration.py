@@ -224,7 +224,8 @@ def _network_velocity(
 ):
     """The network's velocity for the (moving, fixed) ``pair`` of the work grid, on the work grid's velocity grid.
     A network coarser than the work grid sees the ``normalised`` images resampled onto its own grid instead, from
-    the originals, as in training; ``work_grid_passes`` further passes then run on the work grid's pair."""
+    the originals, as in training, and ``work_grid_passes`` further passes then run on the work grid's pair (a
+    network on the work grid's own spacing makes none: they would repeat its pass on the same grid)."""
     factor = work_grid_factor(loaded.spacing_mm)
     work_pair = pair
     if factor > 1:
