@@ -264,7 +264,7 @@ everything again).
 - Model: {model}.
 - Cross-contrast registration (T2-, FLAIR- and PD-like images against T1): docs/cross-contrast.md.
 - Transformer-free baseline (the paper's VM_dif-like ablation, variant `none`): {baseline}.
-- DTN rows: the network alone (`--refine 0`: its symmetric pass on its 4 mm grid and two more on the 2 mm work
+- DTN rows: the network alone (`--refine 0`: its symmetric pass on its 4 mm grid and three more on the 2 mm work
   grid, docs/model.md), the `fast` preset (the default: refinement at 4 and 2 mm), the
   `accurate` preset (40 + 20 steps at 4 and 2 mm; its 1 mm level is dropped on these 2 mm images), and 25 steps on
   the 2 mm grid (the default before the presets). The presets weigh the smoothness term 3x (fast) and 10x

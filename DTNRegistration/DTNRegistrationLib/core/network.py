@@ -23,7 +23,7 @@ negated velocity of the swapped pair, ``(v(m, f) - v(f, m)) / 2``, from one batc
 gives exactly the inverse of A to B, and identical images give exactly the identity: the network alone had put
 about 1 mm of spurious motion on identical images. On known deformations it gained 0.01-0.04 Dice, about
 nothing on real pairs between subjects, and the fields were about 40 % smoother (docs/model.md). The network
-alone (``--refine 0``) cascades it: a coarse network's pass is followed by two passes on the 2 mm work grid, on the
+alone (``--refine 0``) cascades it: a coarse network's pass is followed by three passes on the 2 mm work grid, on the
 images warped half-way toward each other, which adds what the first left and stays exactly inverse-consistent
 (docs/model.md).
 
