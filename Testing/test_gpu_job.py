@@ -85,8 +85,12 @@ def test_job_continues_from_the_shipped_weights_and_validates_before_and_after(j
 def test_job_times_inference_and_logs_training(job_output):
     _, out = job_output
     bench = json.loads((out / "benchmark.json").read_text())
-    timings = [(r["size"], r["precision"], r["directions"]) for r in bench["inference"]]
-    assert timings == [("32x32x32", "fp32", "one"), ("32x32x32", "fp32", "symmetric")]
+    timings = [(r["size"], r["precision"], r["directions"], r["layout"]) for r in bench["inference"]]
+    assert timings == [
+        ("32x32x32", "fp32", direction, layout)
+        for layout in ("default", "channels-last")
+        for direction in ("one", "symmetric")
+    ]
     assert all(r["median_s"] > 0 for r in bench["inference"])
     rows = (out / "dtn-log.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) >= 2

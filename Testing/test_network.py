@@ -3,7 +3,14 @@ import torch
 from conftest import image_from_labels, phantom_labels, smooth_displacement, tiny_config
 
 from DTNRegistrationLib.core import losses, metrics, models, spatial
-from DTNRegistrationLib.core.network import VARIANTS, DTNConfig, LearnedPositions, build_model, count_parameters
+from DTNRegistrationLib.core.network import (
+    VARIANTS,
+    DTNConfig,
+    LearnedPositions,
+    build_model,
+    count_parameters,
+    to_device,
+)
 
 
 @pytest.mark.parametrize("shape", [(144, 160, 192), (160, 192, 224), (32, 48, 64)])
@@ -158,6 +165,27 @@ def test_weights_round_trip_and_corruption(tmp_path, tiny_cfg):
     path.write_bytes(b"not a weights file")
     with pytest.raises(models.ModelError, match="not a readable safetensors"):
         models.load_weights(path)
+
+
+def test_the_cpu_layout_changes_the_speed_not_the_result(tmp_path, tiny_cfg):
+    """On the CPU the network runs with channels-last weights (``to_device``; oneDNN's faster convolutions): the
+    same velocity as the default layout, a plain contiguous output, and weights that save and load as before."""
+    torch.manual_seed(0)
+    plain = build_model(tiny_cfg).eval()
+    fast = to_device(build_model(tiny_cfg), "cpu").eval()
+    fast.load_state_dict(plain.state_dict())
+    conv = fast.phi_c.levels[1][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    moving, fixed = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
+    with torch.inference_mode():
+        expected, velocity = plain(moving, fixed), fast(moving, fixed)
+    assert velocity.is_contiguous()
+    torch.testing.assert_close(velocity, expected, rtol=1e-4, atol=1e-5)
+    models.save_weights(fast, tmp_path / "fast.safetensors")
+    loaded = models.load_model(tmp_path / "fast.safetensors")
+    assert loaded.model.phi_c.levels[1][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
 def test_model_overfits_one_pair():

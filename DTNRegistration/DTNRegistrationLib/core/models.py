@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ModelError
 from ..files import atomic_write
 from .model_registry import MODELS_DIR, REGISTRY_FILE, registry
-from .network import DTN, DTNConfig, build_model
+from .network import DTN, DTNConfig, build_model, to_device
 
 DEFAULT_SPACING_MM = 2.0
 
@@ -106,5 +106,5 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     else:
         names = ", ".join(sorted(reg["models"])) or "none"
         raise ModelError(f"unknown model {key!r}: not a weights file, and not a shipped model ({names})")
-    loaded.model.to(device)
+    to_device(loaded.model, device)
     return loaded

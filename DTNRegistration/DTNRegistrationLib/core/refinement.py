@@ -38,7 +38,9 @@ class Schedule:
     last ``patience`` steps falls below it (0 = always run every step). ``smoothness`` multiplies the run's alpha
     in the NCC refinement objective (the network keeps the run's own alpha, the one it was trained with).
     ``step_floor``: Adam's steps shrink where the objective's derivative per voxel is below it (``AdamStepper``),
-    so regions where the images already agree stay put; ``network_start``: False starts from the alignment alone."""
+    so regions where the images already agree stay put; ``network_start``: False starts from the alignment alone.
+    ``work_grid_passes``: further symmetric passes of a coarser network on the work grid before the levels
+    (``WORK_GRID_PASSES``; DTN.symmetric_velocity)."""
 
     levels: tuple[RefineLevel, ...]
     tolerance: float = 0.0
@@ -46,6 +48,7 @@ class Schedule:
     smoothness: float = 1.0
     step_floor: float = 0.0
     network_start: bool = True
+    work_grid_passes: int = 0
 
     def refinement_alpha(self, alpha: float, similarity: str = "ncc") -> float:
         """The weight of ||grad v||^2 in this schedule's objective for a run with ``alpha``. The smoothness was
@@ -69,9 +72,21 @@ class Schedule:
         return [level.spacing_mm for level in self.levels]
 
 
+# The network alone (no refinement) cascades: after its pass on its own grid, this many further symmetric passes
+# on the work grid, on the images warped half-way toward each other (DTN.symmetric_velocity; docs/model.md).
+# Three passes against two: +0.005 Dice on the 1 mm development pairs (7 of 7 better), 5 % less error against
+# known deformations (6 of 6), about 1 s more on a CPU; a fourth gained little more and roughened the field.
+# The presets run none: after fast's 4 mm steps they gained +0.001 Dice for about 1 s. Two passes and 8 steps on
+# the 2 mm grid instead of fast's levels scored +0.005 on the 1 mm pairs for 1.6 s more, and far less where the
+# network does not carry the pair (a FLAIR -> T1 pair 0.690 against 0.779; docs/benchmarks.md, section 3).
+WORK_GRID_PASSES = 3
+
+
 def single_level(steps: int, spacing_mm: float, window: int = 9, learning_rate: float = 0.05) -> Schedule:
-    """The one-level schedule of ``--refine N``: N steps on the work grid (the behaviour before schedules)."""
-    return Schedule((RefineLevel(spacing_mm, steps, window, learning_rate, 2),))
+    """The one-level schedule of ``--refine N``: N steps on the work grid (the behaviour before schedules); with
+    none, the network alone, with its work-grid passes."""
+    passes = WORK_GRID_PASSES if steps == 0 else 0
+    return Schedule((RefineLevel(spacing_mm, steps, window, learning_rate, 2),), work_grid_passes=passes)
 
 
 # The presets, chosen by measurement on the development pairs (docs/benchmarks.md, refinement study): NCC windows of

@@ -19,6 +19,7 @@ from ..errors import Cancelled, InputError
 from ..options import DEFAULT_PRESET, RegistrationOptions, check_device
 from . import alignment, coverage, deformation, imaging, metrics, spatial
 from .models import LoadedModel, load_model
+from .network import to_device
 from .refinement import PRESETS, Schedule, better_start, refine_schedule, single_level, velocity_shape
 from .result import RegistrationResult
 
@@ -30,12 +31,6 @@ SAME_CONTRAST_SIMILARITY = "ncc"
 # Refinement and the output field use a grid of at most this spacing. A coarser network (4 mm trains eight
 # times faster per step on a CPU) runs on its own grid and its velocity is brought onto this one.
 WORK_SPACING_MM = 2.0
-# The network alone (no refinement) cascades: after its pass on its own grid, this many further symmetric passes
-# on the work grid, on the images warped half-way toward each other (DTN.symmetric_velocity; docs/model.md). The
-# presets refine the work grid themselves and gained nothing from them (+0.001 Dice for about 1 s on a CPU).
-# Three passes against two: +0.005 Dice on the 1 mm development pairs (7 of 7 better), 5 % less error against
-# known deformations (6 of 6), about 1 s more on a CPU; a fourth gained little more and roughened the field.
-WORK_GRID_PASSES = 3
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -108,7 +103,7 @@ def register(
     pair = _tensor(moving_grid, torch_device), _tensor(fixed_grid, torch_device)
     if schedule.network_start:
         stages.begin("network", 0.3, f"running {cfg.variant.upper()} on {torch_device.type}")
-        passes = WORK_GRID_PASSES if schedule.steps == 0 else 0
+        passes = schedule.work_grid_passes
         velocity = _network_velocity(loaded, pair, (moving_norm, fixed_norm), reference, transform, alpha, passes)
         if velocity.device.type != torch_device.type:  # the network fell back to the CPU: so does everything after
             torch_device = velocity.device
@@ -262,7 +257,7 @@ def _predict(
     """The network's symmetric velocity (``DTN.symmetric_velocity``: ``passes``, from ``start`` if given) on the
     tensors' device; a CUDA out-of-memory falls back to the CPU with a warning."""
     try:
-        loaded.model.to(moving.device)
+        to_device(loaded.model, moving.device)
         with torch.inference_mode():
             return loaded.model.symmetric_velocity(moving, fixed, alpha, passes=passes, start=start)
     except torch.cuda.OutOfMemoryError:

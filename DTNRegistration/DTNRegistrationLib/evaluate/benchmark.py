@@ -21,11 +21,11 @@ def _measure(kind: str, size: tuple[int, int, int], runs: int, device: str, vari
     import torch
 
     from ..core import losses, spatial
-    from ..core.network import DTNConfig, build_model
+    from ..core.network import DTNConfig, build_model, to_device
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build_model(DTNConfig(variant=variant, **options)).to(dev)
+    model = to_device(build_model(DTNConfig(variant=variant, **options)), dev)  # the pipeline's layout
     moving, fixed = torch.rand(1, 1, *size, device=dev), torch.rand(1, 1, *size, device=dev)
     times = []
     if kind == "inference":

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.models import read_weights, save_weights
-from ..core.network import DTN, build_model
+from ..core.network import DTN, build_model, to_device
 from ..errors import ModelError
 from ..files import atomic_write
 from . import pairs, synth
@@ -181,7 +181,7 @@ class Trainer:
             check_architecture(config, model.cfg, f"initial weights {self.cfg.init}")
             model.load_state_dict(tensors, strict=True)
             log.info("initialised from %s", self.cfg.init)
-        return model.to(self.device)
+        return to_device(model, self.device)
 
     def _wrap(self, core: DTN):
         if not self.dist.enabled:
