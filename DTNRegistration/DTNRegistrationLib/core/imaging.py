@@ -93,8 +93,12 @@ def check_image(image: sitk.Image, what: str) -> None:
             f"{what}: size {image.GetSize()} is too thin for 3-D registration (at least 4 voxels per axis)"
         )
     array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all():
-        raise InputError(f"{what}: contains NaN or Inf voxels")
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:  # tools that mask an image often write NaN outside the mask: say so, and what to do
+        raise InputError(
+            f"{what}: contains NaN or Inf voxels ({bad} of {array.size}; a masked image's background is often "
+            "written so); replace them, e.g. with 0, and run again"
+        )
     if float(array.max()) == float(array.min()):
         raise InputError(f"{what}: is constant (every voxel {float(array.min()):g}); nothing to register")
 
