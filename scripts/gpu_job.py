@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "DTNRegistration"))
 import torch  # noqa: E402
 
 from DTNRegistrationLib.core import metrics, models, spatial  # noqa: E402
+from DTNRegistrationLib.core.network import to_device  # noqa: E402
 from DTNRegistrationLib.train import pairs, synth  # noqa: E402
 from DTNRegistrationLib.train.checkpoints import BEST_WEIGHTS, FINAL_WEIGHTS  # noqa: E402
 from DTNRegistrationLib.train.config import DatasetSpec, TrainConfig  # noqa: E402
@@ -207,7 +208,7 @@ def score(model, val, alpha: float, amp: bool) -> dict:
 
 
 def load(path, device) -> torch.nn.Module:
-    return models.load_weights(path).model.to(device)
+    return to_device(models.load_weights(path).model, device)
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
